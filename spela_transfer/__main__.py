@@ -1,0 +1,3 @@
+from spela_transfer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""Command line entry point: `spela-transfer {extract,fit,report}`.
+
+Each sub-command lives in its own module with `add_parser(subparsers)` and
+`run(args) -> int`. This module only dispatches, sets up logging, and turns
+expected errors into one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from spela_transfer import __version__
+from spela_transfer.cli import extract, fit, report
+from spela_transfer.errors import SpelaTransferError
+
+logger = logging.getLogger("spela_transfer")
+
+# Errors a user can cause with a bad flag, file or config. They are printed as one
+# line; anything else is a bug and keeps its traceback.
+USER_ERRORS = (SpelaTransferError, ValueError, FileNotFoundError, NotADirectoryError, KeyError)
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spela-transfer",
+        description="Cache frozen-backbone features and compare SPELA, backprop and "
+        "logistic-regression heads on them.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show full tracebacks and debug logs"
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="log warnings and errors only"
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (extract, fit, report):
+        module.add_parser(subparsers)
+    return parser
+
+
+def configure_logging(debug: bool, quiet: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.debug, args.quiet)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("spela-transfer: interrupted; finished work is kept, rerun to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"spela-transfer {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
