@@ -6,8 +6,11 @@ that flags override. Validation happens once, in `__post_init__`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Literal
+
+import yaml
 
 DEFAULT_BACKBONE = "resnet50.tv_in1k"
 OFFLINE_BACKBONE = "efficientnet_lite0.offline"
@@ -30,6 +33,8 @@ class ExtractConfig:
             or `pixels`.
         weights: Local `.pth` or `.safetensors` state dict that replaces the
             pretrained weights.
+        download_weights: Let timm download pretrained weights that are not in the
+            local Hugging Face or torch hub cache; otherwise a missing file is an error.
         pretrained: Load pretrained weights; False gives random init.
         image_size: Input size in pixels that overrides the backbone's pretrained
             config (for `pixels`, the side the image is resized to).
@@ -49,6 +54,7 @@ class ExtractConfig:
     download: bool = False
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
+    download_weights: bool = False
     pretrained: bool = True
     image_size: int | None = None
     batch_size: int = 64
@@ -66,12 +72,332 @@ class ExtractConfig:
         if self.dtype not in ("float32", "float16"):
             raise ValueError(f"dtype must be 'float32' or 'float16', got {self.dtype!r}")
         if self.on_bad_image not in ("skip", "fail"):
-            raise ValueError(
-                f"on_bad_image must be 'skip' or 'fail', got {self.on_bad_image!r}"
-            )
+            raise ValueError(f"on_bad_image must be 'skip' or 'fail', got {self.on_bad_image!r}")
         for name in ("batch_size", "image_size", "limit"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be 0 or more, got {self.num_workers!r}")
+
+
+# ---------------------------------------------------------------------------
+# Experiment configuration: what `spela-transfer fit` trains and evaluates.
+# ---------------------------------------------------------------------------
+
+HEAD_NAMES = ("spela", "backprop", "logreg")
+PROTOCOL_NAMES = ("test-size", "k-shot")
+# Test sizes of the SPELA paper's transfer-learning tables (arXiv 2402.09769).
+REFERENCE_TEST_SIZES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+def _check_names(name: str, values: tuple[str, ...], valid: tuple[str, ...]) -> None:
+    if not values:
+        raise ValueError(f"{name} must list at least one of {', '.join(valid)}; got none")
+    unknown = [value for value in values if value not in valid]
+    if unknown:
+        raise ValueError(
+            f"unknown {name} {', '.join(map(repr, unknown))}; valid {name}: {', '.join(valid)}"
+        )
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} must not repeat a name, got {list(values)!r}")
+
+
+def _check_test_size(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(
+            f"{name} must be a fraction strictly between 0 and 1 (0.1 keeps 10 % for testing), "
+            f"got {value!r}"
+        )
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """Settings of the train/test splits of each protocol.
+
+    Attributes:
+        names: Protocols to run: `test-size` (split the whole feature set at each
+            test size) and `k-shot` (k training samples per class).
+        test_sizes: Fractions of the samples held out for testing, each in (0, 1).
+        k_shots: Training samples per class for the k-shot protocol.
+        k_shot_test_size: Test fraction of the fixed split the k-shot protocol
+            evaluates on; the k samples per class come from the rest.
+        split_seed: `random_state` of every `train_test_split`, the same for every run.
+        stratify: Stratify the splits by label (the reference protocol does not).
+    """
+
+    names: tuple[str, ...] = ("test-size", "k-shot")
+    test_sizes: tuple[float, ...] = (0.1, 0.5, 0.9, 0.99)
+    k_shots: tuple[int, ...] = (1, 5, 10, 20)
+    k_shot_test_size: float = 0.5
+    split_seed: int = 100
+    stratify: bool = False
+
+    def __post_init__(self) -> None:
+        _check_names("protocols", self.names, PROTOCOL_NAMES)
+        if "test-size" in self.names and not self.test_sizes:
+            raise ValueError("test_sizes must not be empty when the test-size protocol runs")
+        for value in self.test_sizes:
+            _check_test_size("test size", value)
+        if len(set(self.test_sizes)) != len(self.test_sizes):
+            raise ValueError(f"test_sizes must not repeat a value, got {list(self.test_sizes)!r}")
+        if "k-shot" in self.names and not self.k_shots:
+            raise ValueError("k_shots must not be empty when the k-shot protocol runs")
+        for value in self.k_shots:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"k-shot must be a positive integer, got {value!r}")
+        if len(set(self.k_shots)) != len(self.k_shots):
+            raise ValueError(f"k_shots must not repeat a value, got {list(self.k_shots)!r}")
+        _check_test_size("k_shot_test_size", self.k_shot_test_size)
+        if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int):
+            raise ValueError(f"split_seed must be an integer, got {self.split_seed!r}")
+        if not isinstance(self.stratify, bool):
+            raise ValueError(f"stratify must be true or false, got {self.stratify!r}")
+
+
+# The offline demo's extraction: all 5,000 images of the shipped sample at 64 pixels.
+DEMO_EXTRACT = ExtractConfig(backbone=OFFLINE_BACKBONE, limit=500, image_size=64)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One whole experiment: features, heads, protocols and seeds.
+
+    The defaults are the offline demo (the shipped Fashion-MNIST sample through
+    the bundled EfficientNet-Lite0); `configs/paper-transfer.yaml` holds the
+    reference transfer protocol.
+
+    Attributes:
+        extract: Which features to extract through the cache.
+        features: A cache folder to use instead of extracting; its backbone must
+            match `extract.backbone` when the backbone was requested explicitly.
+        heads: Heads to train: `spela`, `backprop`, `logreg`.
+        protocol: Split settings.
+        seeds: Head seeds; every protocol point runs once per seed.
+        epochs: Training epochs of the SPELA and backprop heads.
+        batch_size: Mini-batch size of the SPELA and backprop heads.
+        lr: Adam learning rate of the SPELA and backprop heads.
+        hidden_widths: Hidden layer widths; None applies the class-count rule
+            (more than 50 classes: 1024, 1024; otherwise 512, 64).
+        spela: Further `SpelaConfig` fields, such as the loss.
+        backprop: Further `BackpropConfig` fields.
+        logreg_max_iter: Iteration limit of the logistic-regression probe.
+        device: Torch device of the heads (`cpu`, `cuda`, `cuda:1` or `auto`).
+        threads: CPU threads of torch and of the BLAS under scikit-learn while heads
+            train; None keeps the libraries' defaults. The default of 1 suits the
+            small matrices of these heads on shared CPUs.
+            One thread avoids the slowdown of idle threads waiting for a busy core on
+            a shared machine.
+        out: Output folder; None picks `results/<dataset>-<backbone>-<time>`.
+    """
+
+    extract: ExtractConfig = field(default_factory=lambda: DEMO_EXTRACT)
+    features: str | None = None
+    heads: tuple[str, ...] = HEAD_NAMES
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    hidden_widths: tuple[int, ...] | None = None
+    spela: dict = field(default_factory=dict)
+    backprop: dict = field(default_factory=dict)
+    logreg_max_iter: int = 1000
+    device: str = "auto"
+    threads: int | None = 1
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_names("heads", self.heads, HEAD_NAMES)
+        if not self.seeds:
+            raise ValueError("seeds must list at least one integer seed, got none")
+        for seed in self.seeds:
+            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+                raise ValueError(f"seeds must be integers of 0 or more, got {seed!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must not repeat a value, got {list(self.seeds)!r}")
+        for name in ("epochs", "batch_size", "logreg_max_iter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
+            raise ValueError(f"threads must be a positive integer or null, got {self.threads!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or self.lr <= 0:
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.hidden_widths is not None and (
+            not self.hidden_widths
+            or any(
+                isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.hidden_widths
+            )
+        ):
+            raise ValueError(
+                f"hidden_widths must be positive integers or null, got {self.hidden_widths!r}"
+            )
+        for name in ("spela", "backprop"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(
+                    f"{name} must be a mapping of head settings, got {getattr(self, name)!r}"
+                )
+
+
+def parse_seeds(value: object, source: str = "seeds") -> tuple[int, ...]:
+    """Parse seeds from a YAML list, a comma-separated string or one integer.
+
+    Args:
+        value: `[0, 1, 2]`, `"0,1,2"`, `"0 1 2"`, `["0", "1"]` or `3`.
+        source: Where the value came from, for the error message.
+
+    Returns:
+        The seeds as a tuple of ints.
+
+    Raises:
+        ValueError: An entry is not a whole number (booleans and fractions included).
+    """
+    if isinstance(value, str):
+        items: list[object] = [item for item in value.replace(",", " ").split() if item]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [value]
+
+    seeds = []
+    for item in items:
+        if isinstance(item, (bool, float)):
+            raise ValueError(f"{source} must be whole numbers such as 0, 1, 2; got {item!r}")
+        if isinstance(item, str):
+            if not item.strip().lstrip("-").isdigit():
+                raise ValueError(
+                    f"{source} must be whole numbers such as 0, 1, 2; got {item!r} in {value!r}"
+                )
+            item = int(item)
+        if not isinstance(item, int):
+            raise ValueError(f"{source} must be whole numbers such as 0, 1, 2; got {item!r}")
+        seeds.append(item)
+    return tuple(seeds)
+
+
+def experiment_config_to_dict(config: ExperimentConfig) -> dict:
+    """Convert an experiment config to plain YAML/JSON types (tuples become lists)."""
+
+    def plain(value: object) -> object:
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        return value
+
+    return plain(asdict(config))
+
+
+def experiment_config_from_dict(data: dict, source: str = "config") -> ExperimentConfig:
+    """Build an experiment config from nested mappings, as read from YAML.
+
+    Args:
+        data: Top-level keys are `ExperimentConfig` fields; `extract` and
+            `protocol` are mappings of `ExtractConfig` and `ProtocolConfig` fields.
+        source: Name of the file or flag set, for error messages.
+
+    Raises:
+        ValueError: An unknown key, or a value that fails validation.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
+    data = dict(data)
+    _reject_unknown_keys(data, ExperimentConfig, source)
+
+    extract = data.pop("extract", None) or {}
+    protocol = data.pop("protocol", None) or {}
+    for name, section, cls in (
+        ("extract", extract, ExtractConfig),
+        ("protocol", protocol, ProtocolConfig),
+    ):
+        if not isinstance(section, dict):
+            raise ValueError(f"{source}: '{name}' must be a mapping, got {section!r}")
+        _reject_unknown_keys(section, cls, f"{source}: {name}")
+
+    protocol = dict(protocol)
+    for key in ("names", "test_sizes", "k_shots"):
+        if key in protocol:
+            protocol[key] = _as_tuple(protocol[key])
+    if "seeds" in data:
+        data["seeds"] = parse_seeds(data["seeds"], f"{source}: seeds")
+    for key in ("heads", "hidden_widths"):
+        if data.get(key) is not None:
+            data[key] = _as_tuple(data[key])
+    for key in ("spela", "backprop"):
+        if data.get(key) is None and key in data:
+            data[key] = {}
+
+    return ExperimentConfig(
+        extract=ExtractConfig(**{**asdict(DEMO_EXTRACT), **extract}),
+        protocol=ProtocolConfig(**protocol),
+        **data,
+    )
+
+
+def load_experiment_config(
+    path: str | Path | None, overrides: dict | None = None
+) -> ExperimentConfig:
+    """Read an experiment YAML file and apply flag overrides.
+
+    Args:
+        path: YAML file; None starts from the defaults (the offline demo).
+        overrides: Settings that replace the file's, keyed like the YAML file;
+            `extract` and `protocol` are nested mappings merged key by key.
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError: The file is not valid YAML, or a setting is invalid.
+    """
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"config file {str(path)!r} not found; pass an existing YAML file"
+            )
+        source = str(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            # PyYAML messages span several lines; the command line prints errors as one.
+            raise ValueError(f"{source}: invalid YAML: {' '.join(str(error).split())}") from error
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
+
+    for key, value in (overrides or {}).items():
+        if key in ("extract", "protocol"):
+            section = data.get(key) or {}
+            if not isinstance(section, dict):
+                raise ValueError(f"{source}: '{key}' must be a mapping, got {section!r}")
+            data[key] = {**section, **value}
+        else:
+            data[key] = value
+    return experiment_config_from_dict(data, source)
+
+
+def save_experiment_config(config: ExperimentConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML that `load_experiment_config` reads back."""
+    text = yaml.safe_dump(experiment_config_to_dict(config), sort_keys=False)
+    Path(path).write_text(text, encoding="utf-8")
+
+
+def _as_tuple(value: object) -> tuple:
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    if isinstance(value, str):
+        return tuple(item for item in value.replace(",", " ").split() if item)
+    return (value,)
+
+
+def _reject_unknown_keys(data: dict, cls: type, source: str) -> None:
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(str(key) for key in data if key not in valid)
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown setting {', '.join(map(repr, unknown))}; "
+            f"valid settings: {', '.join(valid)}"
+        )

@@ -1,0 +1,274 @@
+"""`spela-transfer fit`: train and compare heads on cached features across protocols."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from spela_transfer.config import ExperimentConfig, load_experiment_config, parse_seeds
+from spela_transfer.errors import CacheMismatchError
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "fit",
+        help="train SPELA, backprop and logistic-regression heads and report their accuracy",
+        description="Train SPELA, backprop and logistic-regression heads on the same splits of "
+        "cached features (extracting them first if needed), write runs.csv, summary.csv, "
+        "run.json and plots, and print the summary as Markdown. Flags override the config file.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="YAML",
+        help="experiment file, e.g. configs/demo.yaml; without it the offline demo settings "
+        "apply. Unset flags keep the file's values",
+    )
+    source = parser.add_argument_group("features")
+    source.add_argument(
+        "--features", metavar="DIR", help="a feature cache folder to use instead of extracting"
+    )
+    source.add_argument("--dataset", help="dataset to extract (see `spela-transfer extract`)")
+    source.add_argument("--root", help="folder of a torchvision dataset")
+    source.add_argument("--backbone", help="timm model name or efficientnet_lite0.offline")
+    source.add_argument(
+        "--weights", metavar="PATH", help="local .pth or .safetensors state dict of the backbone"
+    )
+    source.add_argument(
+        "--download-weights",
+        action="store_true",
+        default=None,
+        help="let timm download pretrained weights missing from the local cache",
+    )
+    source.add_argument("--limit", type=int, help="images per class to extract")
+    source.add_argument(
+        "--image-size", type=int, metavar="PIXELS", help="backbone input size in pixels"
+    )
+    source.add_argument("--cache-dir", metavar="DIR", help="root folder of the feature cache")
+
+    protocol = parser.add_argument_group("protocols")
+    protocol.add_argument(
+        "--heads", help="comma-separated heads: spela, backprop, logreg (default: all three)"
+    )
+    protocol.add_argument("--protocols", help="comma-separated protocols: test-size, k-shot")
+    protocol.add_argument(
+        "--test-sizes", metavar="R,...", help="fractions held out for testing, e.g. 0.1,0.5,0.9"
+    )
+    protocol.add_argument(
+        "--k-shots", metavar="K,...", help="training samples per class, e.g. 1,5,10,20"
+    )
+    protocol.add_argument(
+        "--k-shot-test-size",
+        type=float,
+        metavar="R",
+        help="test fraction of the fixed split that k-shot runs evaluate on",
+    )
+    protocol.add_argument("--seeds", metavar="S,...", help="head seeds, e.g. 0,1,2")
+    protocol.add_argument(
+        "--split-seed", type=int, help="random_state of train_test_split (reference: 100)"
+    )
+    protocol.add_argument(
+        "--stratify",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="stratify splits by label (the reference protocol does not)",
+    )
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--epochs", type=int, help="epochs of the SPELA and backprop heads")
+    training.add_argument("--batch-size", type=int, help="mini-batch size of the heads")
+    training.add_argument("--lr", type=float, help="Adam learning rate of the heads")
+    training.add_argument(
+        "--hidden-widths",
+        metavar="W,...",
+        help="hidden layer widths, e.g. 512,64 (default: by class count)",
+    )
+    training.add_argument(
+        "--device", help="torch device of the heads and backbone: cpu, cuda, cuda:N or auto"
+    )
+    training.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads of torch and BLAS while heads train (the demo config uses 1)",
+    )
+
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--out",
+        metavar="DIR",
+        help="output folder (default: results/<dataset>-<backbone>-<time>); "
+        "pass the same folder with --resume to continue a sweep",
+    )
+    mode = output.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--resume", action="store_true", help="keep the finished runs in --out, run the rest"
+    )
+    mode.add_argument("--force", action="store_true", help="overwrite earlier results in --out")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_experiment_config(args.config, overrides_from_args(args))
+    features, config = load_or_extract(config, backbone_requested(args))
+
+    out_dir = Path(config.out) if config.out else default_out_dir(config)
+
+    # Imported here so that `spela-transfer --help` does not wait for torch.
+    from spela_transfer.evaluation.report import write_report
+    from spela_transfer.evaluation.runner import run_experiment
+
+    runs = run_experiment(
+        features,
+        config,
+        out_dir,
+        resume=args.resume,
+        force=args.force,
+        command=command_line(args),
+    )
+    markdown = write_report(out_dir, runs)
+    print(markdown, end="")
+    logger.info("results in %s", out_dir)
+    return 0
+
+
+def command_line(args: argparse.Namespace) -> list[str]:
+    """Rebuild an equivalent `spela-transfer fit` command from the parsed flags."""
+    command = ["spela-transfer", "fit"]
+    for dest, value in vars(args).items():
+        if dest in ("run", "command", "debug", "quiet") or value is None or value is False:
+            continue
+        flag = "--" + dest.replace("_", "-")
+        if dest == "stratify":
+            command.append(flag if value else "--no-stratify")
+        elif value is True:
+            command.append(flag)
+        else:
+            command += [flag, str(value)]
+    return command
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """Collect the flags that were given as config overrides keyed like the YAML file."""
+    extract = {
+        key: value
+        for key, value in (
+            ("dataset", args.dataset),
+            ("root", args.root),
+            ("backbone", args.backbone),
+            ("weights", args.weights),
+            ("download_weights", args.download_weights),
+            ("limit", args.limit),
+            ("image_size", args.image_size),
+            ("cache_dir", args.cache_dir),
+            ("device", args.device),
+        )
+        if value is not None
+    }
+    protocol = {
+        key: value
+        for key, value in (
+            ("names", _split_list(args.protocols, str, "--protocols")),
+            ("test_sizes", _split_list(args.test_sizes, float, "--test-sizes")),
+            ("k_shots", _split_list(args.k_shots, int, "--k-shots")),
+            ("k_shot_test_size", args.k_shot_test_size),
+            ("split_seed", args.split_seed),
+            ("stratify", args.stratify),
+        )
+        if value is not None
+    }
+    overrides = {
+        key: value
+        for key, value in (
+            ("features", args.features),
+            ("heads", _split_list(args.heads, str, "--heads")),
+            ("seeds", parse_seeds(args.seeds, "--seeds") if args.seeds is not None else None),
+            ("epochs", args.epochs),
+            ("batch_size", args.batch_size),
+            ("lr", args.lr),
+            ("hidden_widths", _split_list(args.hidden_widths, int, "--hidden-widths")),
+            ("device", args.device),
+            ("threads", args.threads),
+            ("out", args.out),
+        )
+        if value is not None
+    }
+    if extract:
+        overrides["extract"] = extract
+    if protocol:
+        overrides["protocol"] = protocol
+    return overrides
+
+
+def backbone_requested(args: argparse.Namespace) -> bool:
+    """Tell whether the flags or the config file name a backbone explicitly."""
+    if args.backbone is not None:
+        return True
+    if args.config is None:
+        return False
+    data = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
+    extract = data.get("extract") if isinstance(data, dict) else None
+    return isinstance(extract, dict) and "backbone" in extract
+
+
+def load_or_extract(config: ExperimentConfig, backbone_explicit: bool):
+    """Load the `--features` cache or extract the config's features through the cache.
+
+    Returns:
+        The feature set and the config, whose backbone is taken from the cache when
+        `--features` is given and no backbone was requested.
+
+    Raises:
+        FileNotFoundError: The `--features` folder does not exist.
+        CacheMismatchError: The cache was made by another backbone than requested.
+    """
+    if config.features is None:
+        from spela_transfer.extract import extract_features
+
+        return extract_features(config.extract), config
+
+    from spela_transfer.cache import load_features
+
+    path = Path(config.features)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"features folder {str(path)!r} not found; pass a folder written by "
+            "spela-transfer extract (see features/)"
+        )
+    features = load_features(path)
+    cached_backbone = features.manifest.get("backbone")
+    if backbone_explicit and cached_backbone != config.extract.backbone:
+        raise CacheMismatchError(
+            f"features in {str(path)!r} come from backbone {cached_backbone!r}, but the config "
+            f"requests {config.extract.backbone!r}; pass --backbone {cached_backbone} or "
+            "extract the requested backbone's features"
+        )
+    if not backbone_explicit:
+        extract = dataclasses.replace(config.extract, backbone=cached_backbone)
+        config = dataclasses.replace(config, extract=extract)
+    return features, config
+
+
+def default_out_dir(config: ExperimentConfig) -> Path:
+    """Build `results/<dataset>-<backbone>-<UTC time>` with file-safe characters."""
+    dataset = Path(config.extract.dataset).name or config.extract.dataset
+    name = f"{dataset}-{config.extract.backbone}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    return Path("results") / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def _split_list(text: str | None, kind: type, flag: str) -> tuple | None:
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        return tuple(kind(item) for item in items)
+    except ValueError:
+        raise ValueError(
+            f"{flag} expects comma-separated {kind.__name__} values, got {text!r}"
+        ) from None

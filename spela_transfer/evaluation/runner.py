@@ -1,0 +1,622 @@
+"""Run every head × protocol point × seed on cached features and record the results.
+
+Each finished run is appended to `runs.csv` at once (one row per exit layer),
+so an interrupted sweep keeps every finished run and `resume=True` skips them.
+The seeds of one head at one protocol point train together in one call of
+`fit_spela` or `fit_backprop`, so they are written, and lost, together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+from spela_transfer.config import (
+    ExperimentConfig,
+    experiment_config_to_dict,
+    save_experiment_config,
+)
+from spela_transfer.errors import SpelaTransferError
+from spela_transfer.evaluation.metrics import Metrics, classification_metrics
+from spela_transfer.evaluation.protocols import Split, split_by_test_size, split_k_shot
+from spela_transfer.evaluation.results import (
+    CONFIG_FILE,
+    DETAILS_FILE,
+    RESULT_FILES,
+    RUN_JSON,
+    RUNS_COLUMNS,
+    RUNS_FILE,
+    read_runs,
+)
+from spela_transfer.heads import BackpropConfig, SpelaConfig, fit_backprop, fit_spela
+
+if TYPE_CHECKING:
+    from spela_transfer.cache import FeatureSet
+
+logger = logging.getLogger(__name__)
+
+# Settings that change the numbers: a resumed sweep must match them.
+_FINGERPRINT_KEYS = ("epochs", "batch_size", "lr", "hidden_widths", "spela", "backprop")
+_FINGERPRINT_PROTOCOL_KEYS = ("split_seed", "stratify", "k_shot_test_size")
+
+
+@dataclass(frozen=True)
+class HeadFit:
+    """Test scores of one head trained on one split, for all its seeds.
+
+    Attributes:
+        seeds: Seeds trained together.
+        exit_layers: Names of the exits; the last is the head's output.
+        scores: [S, L, N_test, C] scores on the test samples.
+        fit_seconds: Wall time of training all seeds together, without scoring the
+            test samples (for logreg, which is fast to score, with it).
+        peak_rss_mb: Peak resident memory of the process during the fit, in MiB.
+        peak_cuda_mb: Peak CUDA memory allocated during the fit, in MiB; None on CPU.
+    """
+
+    seeds: tuple[int, ...]
+    exit_layers: tuple[str, ...]
+    scores: np.ndarray
+    fit_seconds: float
+    peak_rss_mb: float
+    peak_cuda_mb: float | None
+
+
+def resolve_device(device: str) -> str:
+    """Resolve `auto` to `cuda` when a GPU is usable, else `cpu`; check other names."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(
+            f"device {device!r} is not a torch device; use cpu, cuda, cuda:N or auto"
+        ) from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def protocol_splits(labels: np.ndarray, config: ExperimentConfig) -> Iterator[Split]:
+    """Yield the split of every protocol point, test sizes first, then k-shots."""
+    protocol = config.protocol
+    if "test-size" in protocol.names:
+        for test_size in protocol.test_sizes:
+            yield split_by_test_size(labels, test_size, protocol.split_seed, protocol.stratify)
+    if "k-shot" in protocol.names:
+        for k in protocol.k_shots:
+            yield split_k_shot(
+                labels, k, protocol.k_shot_test_size, protocol.split_seed, protocol.stratify
+            )
+
+
+def point_label(split: Split) -> str:
+    """Return the `point` column value: the test size (`0.1`) or k (`5`)."""
+    return f"{split.value:g}" if split.protocol == "test-size" else str(split.value)
+
+
+def prepare_output_folder(out_dir: Path, *, resume: bool, force: bool) -> None:
+    """Create `out_dir`, or clear or keep the results already in it.
+
+    Raises:
+        ValueError: `resume` and `force` are both set.
+        SpelaTransferError: The folder contains results and neither flag is set.
+    """
+    if resume and force:
+        raise ValueError("--resume and --force contradict each other; pass one of them")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"output folder {str(out_dir)!r} is a file; pick another --out")
+
+    existing = [name for name in RESULT_FILES if (out_dir / name).exists()]
+    if existing and not (resume or force):
+        raise SpelaTransferError(
+            f"output folder {str(out_dir)!r} already contains results ({', '.join(existing)}); "
+            "pass --resume to continue them, --force to overwrite them, or another --out"
+        )
+    if force:
+        for name in existing:
+            (out_dir / name).unlink()
+        plots = out_dir / "plots"
+        if plots.is_dir():
+            shutil.rmtree(plots)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def run_experiment(
+    features: FeatureSet,
+    config: ExperimentConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    command: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Train and evaluate every head × protocol point × seed, appending to `runs.csv`.
+
+    Args:
+        features: Cached features and labels.
+        config: The experiment.
+        out_dir: Output folder for `runs.csv`, `details.jsonl`, `run.json` and `config.yaml`.
+        resume: Keep the runs already in `runs.csv` and train only the missing ones.
+        force: Delete earlier results in `out_dir` first.
+        command: The command line, stored in `run.json`.
+
+    Returns:
+        All rows of `runs.csv`, earlier runs included.
+
+    Raises:
+        SpelaTransferError: `out_dir` contains results without `resume` or `force`, or
+            the results there were made with other settings or features.
+    """
+    out_dir = Path(out_dir)
+    device = resolve_device(config.device)
+    check_features(features)
+    for head in config.heads:
+        if head != "logreg":
+            _head_trainer(head, config)  # Invalid head settings fail before any file is written.
+    prepare_output_folder(out_dir, resume=resume, force=force)
+
+    run_info = describe_run(features, config, device, command)
+    done = _load_done_runs(out_dir, run_info) if resume else set()
+    _write_json(out_dir / RUN_JSON, run_info)
+    save_experiment_config(config, out_dir / CONFIG_FILE)
+
+    # NOTE: every feature is loaded into memory as float32 once, so the cache must fit in RAM.
+    all_features = features.load_features()
+    labels = np.asarray(features.labels, dtype=np.int64)
+    num_classes = features.num_classes
+    logger.info(
+        "fit: %d samples × %d features, %d classes, heads %s, seeds %s, device %s, output %s",
+        len(labels),
+        all_features.shape[1],
+        num_classes,
+        ", ".join(config.heads),
+        ", ".join(map(str, config.seeds)),
+        device,
+        out_dir,
+    )
+
+    context = {
+        "backbone": features.manifest.get("backbone", ""),
+        "dataset": dataset_name(features.manifest),
+        "cache_key": features.key,
+        "num_classes": num_classes,
+        "epochs": config.epochs,
+    }
+    # Thread counts are global in torch and in the BLAS under scikit-learn, so both
+    # are restored for the caller.
+    previous_threads = torch.get_num_threads()
+    blas_limit = threadpool_limits(config.threads) if config.threads else contextlib.nullcontext()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        with blas_limit:
+            _run_points(all_features, labels, config, done, device, out_dir, context)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    return read_runs(out_dir)
+
+
+def _run_points(
+    all_features: np.ndarray,
+    labels: np.ndarray,
+    config: ExperimentConfig,
+    done: set[tuple],
+    device: str,
+    out_dir: Path,
+    context: dict,
+) -> None:
+    num_classes = context["num_classes"]
+    num_fits = _count_points(config) * len(config.heads)
+    fit_index = 0
+    for split in protocol_splits(labels, config):
+        point = point_label(split)
+        for head in config.heads:
+            fit_index += 1
+            seeds = _seeds_for(head, config.seeds)
+            todo = [seed for seed in seeds if (head, split.protocol, point, seed) not in done]
+            if not todo:
+                continue
+            logger.debug("fit %d of %d: %s %s %s", fit_index, num_fits, head, split.protocol, point)
+            fit = _fit_head(head, all_features, labels, split, num_classes, config, todo, device)
+            if fit is None:
+                continue
+            _append_runs(out_dir, head, split, fit, labels, context)
+
+
+def check_features(features: FeatureSet, block_rows: int = 65536) -> None:
+    """Reject features no head can train on; warn when every sample has the same features.
+
+    Reads the features block by block, so the check needs memory for one block only.
+
+    Raises:
+        ValueError: Fewer than 2 classes among the labels, or NaN or inf in the features.
+    """
+    present = np.unique(np.asarray(features.labels))
+    if len(present) < 2:
+        names = [features.class_names[int(label)] for label in present]
+        raise ValueError(
+            f"features in {str(features.path)!r} contain {len(present)} class ({names}); the "
+            "heads need at least 2 classes, so extract a dataset with more classes"
+        )
+
+    bad_rows: list[np.ndarray] = []
+    first_row = np.asarray(features.features[:1], dtype=np.float32)
+    all_equal = True
+    for start in range(0, len(features), block_rows):
+        block = np.asarray(features.features[start : start + block_rows], dtype=np.float32)
+        bad_rows.append(start + np.flatnonzero(~np.isfinite(block).all(axis=1)))
+        all_equal = all_equal and bool((block == first_row).all())
+    bad = np.concatenate(bad_rows)
+    if len(bad):
+        raise ValueError(
+            f"features in {str(features.path)!r} contain NaN or inf in {len(bad)} of "
+            f"{len(features)} rows (first: {features.sample_ids[int(bad[0])]!r}); float16 "
+            "storage overflows above 65504, so extract again with --dtype float32, or "
+            "remove those images"
+        )
+    if all_equal and len(features) > 1:
+        logger.warning(
+            "features in %s are the same for every sample, so every head will score at "
+            "chance level; check the backbone and the images",
+            features.path,
+        )
+
+
+def dataset_name(manifest: dict) -> str:
+    """Return the dataset as requested at extraction (the manifest stores a mapping)."""
+    dataset = manifest.get("dataset", "")
+    if isinstance(dataset, dict):
+        return str(dataset.get("requested") or dataset.get("name") or "")
+    return str(dataset)
+
+
+def describe_run(
+    features: FeatureSet, config: ExperimentConfig, device: str, command: Sequence[str] | None
+) -> dict:
+    """Collect the resolved config, cache, package versions and machine for `run.json`."""
+    versions = {}
+    for package in ("torch", "timm", "torchvision", "scikit-learn", "numpy", "spela-transfer"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    machine = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": config.threads or torch.get_num_threads(),
+        "device": device,
+        "cuda_device": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
+    }
+    return {
+        "config": experiment_config_to_dict(config),
+        "seeds": list(config.seeds),
+        "cache_key": features.key,
+        "cache_path": str(features.path),
+        "backbone": features.manifest.get("backbone"),
+        "dataset": dataset_name(features.manifest),
+        "num_samples": len(features),
+        "num_features": features.num_features,
+        "num_classes": features.num_classes,
+        "class_names": list(features.class_names),
+        "versions": versions,
+        "machine": machine,
+        "command": list(command) if command is not None else None,
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _count_points(config: ExperimentConfig) -> int:
+    protocol = config.protocol
+    test_sizes = len(protocol.test_sizes) if "test-size" in protocol.names else 0
+    return test_sizes + (len(protocol.k_shots) if "k-shot" in protocol.names else 0)
+
+
+def _seeds_for(head: str, seeds: tuple[int, ...]) -> tuple[int, ...]:
+    # lbfgs logistic regression is deterministic, so more seeds would repeat one number.
+    return seeds[:1] if head == "logreg" else seeds
+
+
+def _fit_head(
+    head: str,
+    all_features: np.ndarray,
+    labels: np.ndarray,
+    split: Split,
+    num_classes: int,
+    config: ExperimentConfig,
+    seeds: list[int],
+    device: str,
+) -> HeadFit | None:
+    train_features = all_features[split.train_indices]
+    train_labels = labels[split.train_indices]
+    test_features = all_features[split.test_indices]
+
+    _reset_peak_memory(device)
+    start = time.perf_counter()
+    if head == "logreg":
+        if len(np.unique(train_labels)) < 2:
+            logger.warning(
+                "logreg %s %s: skipped because the training split contains only one class",
+                split.protocol,
+                point_label(split),
+            )
+            return None
+        scores = _fit_logreg(
+            train_features, train_labels, test_features, num_classes, config, seeds
+        )
+        exit_layers: tuple[str, ...] = ("output",)
+    else:
+        fit_function, head_config = _head_trainer(head, config)
+        fitted = fit_function(
+            torch.from_numpy(train_features),
+            torch.from_numpy(train_labels),
+            num_classes,
+            head_config,
+            seeds=list(seeds),
+            device=device,
+        )
+        fit_seconds = time.perf_counter() - start
+        scores = fitted.exit_scores(torch.from_numpy(test_features)).numpy()
+        exit_layers = tuple(fitted.exit_layers)
+    if head == "logreg":
+        fit_seconds = time.perf_counter() - start
+    peak_rss, peak_cuda = _peak_memory_mb(device)
+
+    logger.info(
+        "%s %s %s, seeds %s: %d train / %d test, %.1f s",
+        head,
+        split.protocol,
+        point_label(split),
+        ",".join(map(str, seeds)),
+        len(split.train_indices),
+        len(split.test_indices),
+        fit_seconds,
+    )
+    return HeadFit(tuple(seeds), exit_layers, scores, fit_seconds, peak_rss, peak_cuda)
+
+
+def _head_trainer(head: str, config: ExperimentConfig):
+    common = {
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "hidden_widths": config.hidden_widths,
+    }
+    extra = config.spela if head == "spela" else config.backprop
+    settings = {**common, **{k: tuple(v) if isinstance(v, list) else v for k, v in extra.items()}}
+    config_class = SpelaConfig if head == "spela" else BackpropConfig
+    try:
+        head_config = config_class(**settings)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"invalid {head} setting: {error}") from error
+    return (fit_spela if head == "spela" else fit_backprop), head_config
+
+
+def _fit_logreg(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    num_classes: int,
+    config: ExperimentConfig,
+    seeds: list[int],
+) -> np.ndarray:
+    per_seed = []
+    for seed in seeds:
+        probe = make_pipeline(
+            StandardScaler(),
+            LogisticRegression(max_iter=config.logreg_max_iter, random_state=seed),
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            probe.fit(train_features, train_labels)
+        if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+            logger.warning(
+                "logreg did not converge in %d iterations; raise logreg_max_iter",
+                config.logreg_max_iter,
+            )
+
+        # Classes absent from training get probability 0, so they rank last.
+        scores = np.zeros((len(test_features), num_classes), dtype=np.float32)
+        scores[:, probe.classes_] = probe.predict_proba(test_features)
+        per_seed.append(scores[None])
+    return np.stack(per_seed)
+
+
+def _append_runs(
+    out_dir: Path, head: str, split: Split, fit: HeadFit, labels: np.ndarray, context: dict
+) -> None:
+    test_labels = labels[split.test_indices]
+    finished_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rows = []
+    details = []
+    for seed_index, seed in enumerate(fit.seeds):
+        for exit_index, exit_layer in enumerate(fit.exit_layers):
+            metrics = classification_metrics(fit.scores[seed_index, exit_index], test_labels)
+            is_output = exit_index == len(fit.exit_layers) - 1
+            rows.append(
+                _run_row(
+                    head, split, seed, exit_layer, exit_index, is_output, metrics, fit, context
+                )
+                | {"finished_at": finished_at}
+            )
+            if is_output:
+                details.append(
+                    {
+                        "head": head,
+                        "protocol": split.protocol,
+                        "point": point_label(split),
+                        "seed": seed,
+                        "split_hash": split.split_hash,
+                        "per_class_accuracy": [
+                            None if np.isnan(v) else float(v) for v in metrics.per_class_accuracy
+                        ],
+                        "confusion_matrix": metrics.confusion.tolist(),
+                    }
+                )
+
+    # One write per fit, flushed and synced, so an interruption cannot leave half a run.
+    runs_path = out_dir / RUNS_FILE
+    new_file = not runs_path.exists() or runs_path.stat().st_size == 0
+    with runs_path.open("a", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=RUNS_COLUMNS, lineterminator="\n")
+        if new_file:
+            writer.writeheader()
+        writer.writerows(rows)
+        handle.flush()
+        os.fsync(handle.fileno())
+    with (out_dir / DETAILS_FILE).open("a", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(item) + "\n" for item in details)
+
+
+def _run_row(
+    head: str,
+    split: Split,
+    seed: int,
+    exit_layer: str,
+    exit_index: int,
+    is_output: bool,
+    metrics: Metrics,
+    fit: HeadFit,
+    context: dict,
+) -> dict:
+    return {
+        **context,
+        "head": head,
+        "protocol": split.protocol,
+        "point": point_label(split),
+        "test_size": f"{split.test_size:g}",
+        "k_shot": split.value if split.protocol == "k-shot" else "",
+        "seed": seed,
+        "exit_layer": exit_layer,
+        "exit_index": exit_index,
+        "is_output": is_output,
+        "top1": f"{metrics.top1:.6f}",
+        "top5": "" if metrics.top5 is None else f"{metrics.top5:.6f}",
+        "top5_note": metrics.top5_note,
+        "balanced_accuracy": f"{metrics.balanced_accuracy:.6f}",
+        "train_count": len(split.train_indices),
+        "test_count": len(split.test_indices),
+        "missing_train_classes": " ".join(map(str, split.missing_train_classes)),
+        "split_hash": split.split_hash,
+        "fit_seconds": f"{fit.fit_seconds / len(fit.seeds):.3f}",
+        "seeds_trained_together": len(fit.seeds),
+        "peak_rss_mb": f"{fit.peak_rss_mb:.1f}",
+        "peak_cuda_mb": "" if fit.peak_cuda_mb is None else f"{fit.peak_cuda_mb:.1f}",
+    }
+
+
+def _load_done_runs(out_dir: Path, run_info: dict) -> set[tuple]:
+    runs_path = out_dir / RUNS_FILE
+    if not runs_path.exists():
+        return set()
+
+    previous_path = out_dir / RUN_JSON
+    if previous_path.exists():
+        previous = json.loads(previous_path.read_text(encoding="utf-8"))
+        differences = _fingerprint_differences(previous, run_info)
+        if differences:
+            raise SpelaTransferError(
+                f"cannot resume {str(out_dir)!r}: its results were made with other settings "
+                f"({'; '.join(differences)}); pass --force to overwrite them or pick another --out"
+            )
+
+    _drop_partial_line(runs_path)
+    runs = read_runs(out_dir)
+    outputs = runs[runs["is_output"].astype(str) == "True"]
+    done = {(row.head, row.protocol, str(row.point), int(row.seed)) for row in outputs.itertuples()}
+    logger.info("resume: %d finished runs in %s are kept", len(done), runs_path)
+    return done
+
+
+def _fingerprint_differences(previous: dict, current: dict) -> list[str]:
+    differences = []
+    if previous.get("cache_key") != current.get("cache_key"):
+        differences.append(
+            f"cache key {previous.get('cache_key')!r} != {current.get('cache_key')!r}"
+        )
+    old_config, new_config = previous.get("config", {}), current["config"]
+    for key in _FINGERPRINT_KEYS:
+        if old_config.get(key) != new_config.get(key):
+            differences.append(f"{key} {old_config.get(key)!r} != {new_config.get(key)!r}")
+    old_protocol = old_config.get("protocol", {})
+    for key in _FINGERPRINT_PROTOCOL_KEYS:
+        if old_protocol.get(key) != new_config["protocol"].get(key):
+            differences.append(
+                f"{key} {old_protocol.get(key)!r} != {new_config['protocol'].get(key)!r}"
+            )
+    return differences
+
+
+def _drop_partial_line(path: Path) -> None:
+    # A process killed mid-write can leave a line without its newline; drop it.
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        kept = data[: data.rfind(b"\n") + 1]
+        logger.warning(
+            "runs.csv: dropping an unfinished last line of %d bytes", len(data) - len(kept)
+        )
+        path.write_bytes(kept)
+
+
+def _reset_peak_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    # Writing 5 to clear_refs resets the kernel's peak-RSS counter (VmHWM) on Linux.
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_memory_mb(device: str) -> tuple[float, float | None]:
+    peak_cuda = None
+    if device.startswith("cuda"):
+        peak_cuda = torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024, peak_cuda
+    except OSError:
+        pass
+    # NOTE: without /proc the peak is the process's lifetime maximum, not this run's.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, peak_cuda
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

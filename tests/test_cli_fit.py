@@ -1,0 +1,281 @@
+"""`spela-transfer fit` and `report` end to end, and their one-line errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from spela_transfer.cli import main
+
+TINY_FLAGS = [
+    "--heads",
+    "spela,backprop,logreg",
+    "--protocols",
+    "test-size,k-shot",
+    "--test-sizes",
+    "0.5,0.9",
+    "--k-shots",
+    "2",
+    "--seeds",
+    "0,1",
+    "--epochs",
+    "2",
+    "--device",
+    "cpu",
+]
+
+
+def fit(*flags: str) -> int:
+    return main(["fit", *flags])
+
+
+@pytest.fixture(scope="module")
+def fitted_folder(offline_features, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("fit") / "results"
+    code = main(
+        ["fit", "--features", str(offline_features.path), "--out", str(out_dir), *TINY_FLAGS]
+    )
+    assert code == 0
+    return out_dir
+
+
+def test_fit_writes_all_results(fitted_folder):
+    for name in (
+        "runs.csv",
+        "summary.csv",
+        "summary.md",
+        "run.json",
+        "config.yaml",
+        "details.jsonl",
+    ):
+        assert (fitted_folder / name).is_file(), name
+    for name in ("accuracy_vs_test_size.png", "spela_exit_layers.png", "k_shot.png"):
+        assert (fitted_folder / "plots" / name).stat().st_size > 1000, name
+
+
+def test_fit_takes_backbone_from_cache(fitted_folder, offline_features):
+    info = json.loads((fitted_folder / "run.json").read_text())
+
+    assert info["config"]["extract"]["backbone"] == "efficientnet_lite0.offline"
+    assert info["config"]["features"] == str(offline_features.path)
+    assert info["config"]["protocol"]["test_sizes"] == [0.5, 0.9]
+    assert (
+        info["command"][:2] == ["spela-transfer", "fit"] or info["command"][0] == "spela-transfer"
+    )
+
+
+def test_fit_prints_markdown_table(offline_features, tmp_path, capsys):
+    code = fit(
+        "--features",
+        str(offline_features.path),
+        "--out",
+        str(tmp_path / "r"),
+        "--heads",
+        "spela,backprop",
+        "--test-sizes",
+        "0.5",
+        "--k-shots",
+        "2",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+    )
+
+    output = capsys.readouterr().out
+    assert code == 0
+    assert output.startswith("### Test-size sweep")
+    assert "| Test size | SPELA top-1 | SPELA top-5 | BP top-1 | BP top-5 |" in output
+    assert "| 0.50 |" in output
+    assert "| 2 (20 / 500) |" in output
+    assert "Seeds per cell: SPELA 1, BP 1." in output
+
+
+def test_fit_resume_keeps_runs(fitted_folder, offline_features, capsys):
+    before = (fitted_folder / "runs.csv").read_text()
+
+    code = fit(
+        "--features",
+        str(offline_features.path),
+        "--out",
+        str(fitted_folder),
+        "--resume",
+        *TINY_FLAGS,
+    )
+
+    assert code == 0
+    assert (fitted_folder / "runs.csv").read_text() == before
+
+
+def test_report_redraws(fitted_folder, capsys):
+    expected = (fitted_folder / "summary.md").read_text()
+    (fitted_folder / "summary.csv").unlink()
+    (fitted_folder / "plots" / "k_shot.png").unlink()
+
+    code = main(["report", str(fitted_folder)])
+
+    assert code == 0
+    assert capsys.readouterr().out == expected
+    assert (fitted_folder / "summary.csv").is_file()
+    assert (fitted_folder / "plots" / "k_shot.png").is_file()
+
+
+def run_error(capsys, *argv: str) -> str:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.out == ""
+    assert "Traceback" not in captured.err
+    assert captured.err.count("\n") == 1
+    return captured.err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--heads", "spela,svm"], r"unknown heads 'svm'; valid heads: spela, backprop, logreg"),
+        (
+            ["--protocols", "episodes"],
+            r"unknown protocols 'episodes'; valid protocols: test-size, k-shot",
+        ),
+        (
+            ["--test-sizes", "0.1,1.5"],
+            r"test size must be a fraction strictly between 0 and 1 .*got 1.5",
+        ),
+        (["--test-sizes", "0"], r"got 0.0"),
+        (
+            ["--test-sizes", "half"],
+            r"--test-sizes expects comma-separated float values, got 'half'",
+        ),
+        (["--seeds", "0,one"], r"--seeds must be whole numbers such as 0, 1, 2; got 'one'"),
+        (["--epochs", "0"], r"epochs must be a positive integer, got 0"),
+        (["--config", "missing.yaml"], r"config file 'missing.yaml' not found"),
+    ],
+)
+def test_fit_rejects_bad_flags(capsys, flags, message):
+    error = run_error(capsys, "fit", *flags)
+
+    assert error.startswith("spela-transfer fit: error: ")
+    assert re.search(message, error), error
+
+
+def test_fit_features_not_a_cache(capsys, tmp_path):
+    error = run_error(capsys, "fit", "--features", str(tmp_path))
+
+    assert "has no manifest.json: it is not a spela-transfer feature cache" in error
+
+
+def test_fit_features_missing(capsys, tmp_path):
+    error = run_error(capsys, "fit", "--features", str(tmp_path / "nowhere"))
+
+    assert "features folder" in error
+    assert "nowhere' not found" in error
+
+
+def test_fit_cache_of_other_backbone(capsys, offline_features):
+    error = run_error(
+        capsys, "fit", "--features", str(offline_features.path), "--backbone", "resnet50.tv_in1k"
+    )
+
+    assert "come from backbone 'efficientnet_lite0.offline'" in error
+    assert "requests 'resnet50.tv_in1k'" in error
+
+
+def test_fit_config_backbone_mismatch(capsys, offline_features, tmp_path):
+    config = tmp_path / "resnet.yaml"
+    config.write_text("extract: {backbone: resnet50.tv_in1k}\n")
+
+    error = run_error(
+        capsys, "fit", "--config", str(config), "--features", str(offline_features.path)
+    )
+
+    assert "requests 'resnet50.tv_in1k'" in error
+
+
+def test_fit_output_folder_with_results(capsys, fitted_folder, offline_features):
+    error = run_error(
+        capsys, "fit", "--features", str(offline_features.path), "--out", str(fitted_folder)
+    )
+
+    assert "already contains results" in error
+    assert "pass --resume to continue them, --force to overwrite them" in error
+
+
+def test_fit_resume_and_force_exclusive(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--resume", "--force"])
+
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_fit_debug_shows_traceback():
+    with pytest.raises(ValueError, match="unknown heads 'svm'"):
+        main(["--debug", "fit", "--heads", "svm"])
+
+
+def test_report_missing_folder(capsys, tmp_path):
+    error = run_error(capsys, "report", str(tmp_path / "nowhere"))
+
+    assert "results folder" in error
+    assert "not found; pass a folder written by spela-transfer fit" in error
+
+
+def test_report_folder_without_runs(capsys, tmp_path):
+    error = run_error(capsys, "report", str(tmp_path))
+
+    assert "no runs.csv in" in error
+
+
+def test_module_entry_point_end_to_end(tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "spela_transfer",
+        "--quiet",
+        "fit",
+        "--dataset",
+        "fashion-mnist-sample",
+        "--backbone",
+        "pixels",
+        "--limit",
+        "4",
+        "--cache-dir",
+        str(tmp_path / "features"),
+        "--heads",
+        "spela",
+        "--protocols",
+        "test-size",
+        "--test-sizes",
+        "0.5",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "results"),
+    ]
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("### Test-size sweep")
+    assert "| 0.50 |" in result.stdout
+    assert (tmp_path / "results" / "runs.csv").is_file()
+
+    bad = subprocess.run(
+        [*command[:4], "fit", "--heads", "svm"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
+    assert "unknown heads 'svm'" in bad.stderr
