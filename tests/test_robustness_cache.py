@@ -112,6 +112,13 @@ def wait_for(condition, process: subprocess.Popen, log: Path, what: str) -> None
         time.sleep(0.05)
 
 
+def kill_all(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait(CHILD_TIMEOUT_S)
+
+
 def cache_folder(cache_dir: Path) -> Path:
     folders = [path for path in cache_dir.iterdir() if path.is_dir()]
     assert len(folders) == 1, folders
@@ -146,14 +153,18 @@ def killed_runs(dataset, tmp_path_factory):
         )
         children[name] = (process, marker)
 
-    for name, (process, marker) in children.items():
-        log = base / f"{name}.log"
-        if marker is None:
-            assert process.wait(CHILD_TIMEOUT_S) == 0, log.read_text()
-            continue
-        wait_for(marker.exists, process, log, f"kill point {name}")
-        process.send_signal(signal.SIGKILL)
-        assert process.wait(CHILD_TIMEOUT_S) == -signal.SIGKILL
+    try:
+        for name, (process, marker) in children.items():
+            log = base / f"{name}.log"
+            if marker is None:
+                assert process.wait(CHILD_TIMEOUT_S) == 0, log.read_text()
+                continue
+            wait_for(marker.exists, process, log, f"kill point {name}")
+            process.send_signal(signal.SIGKILL)
+            assert process.wait(CHILD_TIMEOUT_S) == -signal.SIGKILL
+    finally:
+        # A failed check above must not leave paused children behind.
+        kill_all([process for process, _ in children.values()])
     return {name: base / name for name in children}
 
 
@@ -201,21 +212,25 @@ def test_concurrent_extract_waits_then_takes_over(dataset, tmp_path, killed_runs
 
     # The first process stops after two chunks; the second must wait, not write beside it.
     first = start_driver(_extract_args(dataset, cache_dir), first_log, "write_chunk:2", marker)
-    wait_for(marker.exists, first, first_log, "the first extraction to pause")
-    second = start_driver(_extract_args(dataset, cache_dir), second_log)
-    wait_for(
-        lambda: "waiting" in second_log.read_text(errors="replace"),
-        second,
-        second_log,
-        "the second extraction to wait for the first",
-    )
-    chunks = sorted(path.name for path in (cache_folder(cache_dir) / CHUNKS_DIR).iterdir())
-    assert chunks == ["chunk-000000.npz", "chunk-000001.npz"]
+    second = None
+    try:
+        wait_for(marker.exists, first, first_log, "the first extraction to pause")
+        second = start_driver(_extract_args(dataset, cache_dir), second_log)
+        wait_for(
+            lambda: "waiting" in second_log.read_text(errors="replace"),
+            second,
+            second_log,
+            "the second extraction to wait for the first",
+        )
+        chunks = sorted(path.name for path in (cache_folder(cache_dir) / CHUNKS_DIR).iterdir())
+        assert chunks == ["chunk-000000.npz", "chunk-000001.npz"]
 
-    # The kernel drops the lock of a killed process, so the second one takes over.
-    first.send_signal(signal.SIGKILL)
-    first.wait(CHILD_TIMEOUT_S)
-    assert second.wait(CHILD_TIMEOUT_S) == 0, second_log.read_text()
+        # The kernel drops the lock of a killed process, so the second one takes over.
+        first.send_signal(signal.SIGKILL)
+        first.wait(CHILD_TIMEOUT_S)
+        assert second.wait(CHILD_TIMEOUT_S) == 0, second_log.read_text()
+    finally:
+        kill_all([first] + ([second] if second is not None else []))
 
     features = load_features(cache_folder(cache_dir))
     reference = load_features(cache_folder(killed_runs["reference"]))

@@ -91,12 +91,17 @@ def kill_fit_after(features_dir: Path, out: Path, fits: int, log: Path) -> None:
         child = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
 
     deadline = time.monotonic() + CHILD_TIMEOUT_S
-    while not marker.exists():
-        assert child.poll() is None, f"fit exited early:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"fit never paused:\n{log.read_text()}"
-        time.sleep(0.05)
-    child.send_signal(signal.SIGKILL)
-    assert child.wait(CHILD_TIMEOUT_S) == -signal.SIGKILL
+    try:
+        while not marker.exists():
+            assert child.poll() is None, f"fit exited early:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"fit never paused:\n{log.read_text()}"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(CHILD_TIMEOUT_S) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:  # a failed check must not leave the child running
+            child.kill()
+            child.wait(CHILD_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

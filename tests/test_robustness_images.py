@@ -390,3 +390,28 @@ def test_csv_symlink_loop_skipped(csv_images, tmp_path):
     assert code == 0, stderr
     assert "skipped=1" in stdout
     assert "Too many levels of symbolic links" in stderr
+
+
+def test_non_utf8_class_folder_through_fit(tmp_path):
+    root = tmp_path / "images"
+    for class_name in (b"caf\xe9", b"tea"):
+        folder = Path(os.fsdecode(os.fsencode(root) + b"/" + class_name))
+        for index in range(6):
+            bad.save_good_image(folder / f"{index}.png", seed=index + 10 * len(class_name))
+    cache_dir = tmp_path / "cache"
+
+    code, _, stderr = run_cli(extract_args(root, cache_dir, image_size=4))
+    assert code == 0, stderr
+    features = load_features(next(cache_dir.iterdir()))
+    assert features.class_names == ["caf\udce9", "tea"]
+
+    fit_flags = ["--epochs", "1", "--seeds", "0", "--test-sizes", "0.5", "--protocols", "test-size"]
+    fit_flags += ["--hidden-widths", "4,2", "--device", "cpu"]
+    out = tmp_path / "results"
+    code, stdout, stderr = run_cli(
+        ["fit", "--features", str(features.path), "--out", str(out), *fit_flags]
+    )
+    assert code == 0, stderr
+    assert "SPELA top-1" in stdout
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["class_names"] == ["caf\udce9", "tea"]

@@ -535,3 +535,28 @@ def test_source_never_loads_unsafely():
     assert loads["torch.load"] >= 2
     assert loads["np.load"] >= 3
     assert loads["yaml.safe_load"] >= 2
+
+
+def test_cache_dir_is_a_file(tmp_path):
+    not_a_folder = tmp_path / "features"
+    not_a_folder.write_text("a file where the cache folder should be")
+
+    code, _, stderr = run_cli(
+        [
+            "extract",
+            "--backbone",
+            "pixels",
+            "--limit",
+            "1",
+            "--device",
+            "cpu",
+            "--cache-dir",
+            str(not_a_folder),
+        ]
+    )
+
+    assert code == 2
+    line = error_line(stderr)
+    assert "Not a directory" in line
+    assert str(not_a_folder) in line
+    assert not_a_folder.read_text() == "a file where the cache folder should be"

@@ -33,12 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         "logistic-regression heads on them.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument(
-        "--debug", action="store_true", help="show full tracebacks and debug logs"
-    )
-    parser.add_argument(
-        "-q", "--quiet", action="store_true", help="log warnings and errors only"
-    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (extract, fit, report):
         module.add_parser(subparsers)
@@ -61,7 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except KeyboardInterrupt:
-        print("spela-transfer: interrupted; finished work is kept, rerun to resume", file=sys.stderr)
+        print(
+            "spela-transfer: interrupted; finished work is kept, rerun the same command to resume",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     except USER_ERRORS as error:
         if args.debug:
