@@ -70,6 +70,21 @@ def _check_schedule(lr_step_epochs: object, lr_gamma: object) -> None:
     _check_positive_float("lr_gamma", lr_gamma)
 
 
+def _check_training_settings(config: SpelaConfig | BackpropConfig) -> None:
+    """Validate the settings that both heads share."""
+    _check_hidden_widths(config.hidden_widths)
+    _check_positive_int("epochs", config.epochs)
+    _check_positive_int("batch_size", config.batch_size)
+    _check_choice("optimizer", config.optimizer, OPTIMIZERS)
+    _check_positive_float("lr", config.lr)
+    if isinstance(config.momentum, bool) or not 0 <= config.momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {config.momentum!r}")
+    _check_schedule(config.lr_step_epochs, config.lr_gamma)
+    _check_choice("activation", config.activation, ACTIVATIONS)
+    if not 0 <= config.negative_slope < 1:
+        raise ValueError(f"negative_slope must be in [0, 1), got {config.negative_slope!r}")
+
+
 @dataclass(frozen=True)
 class SpelaConfig:
     """Settings of a SPELA head: every layer trained on its own local loss.
@@ -134,17 +149,7 @@ class SpelaConfig:
     coulomb_steps: int = 500
 
     def __post_init__(self) -> None:
-        _check_hidden_widths(self.hidden_widths)
-        _check_positive_int("epochs", self.epochs)
-        _check_positive_int("batch_size", self.batch_size)
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_positive_float("lr", self.lr)
-        if isinstance(self.momentum, bool) or not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        _check_schedule(self.lr_step_epochs, self.lr_gamma)
-        _check_choice("activation", self.activation, ACTIVATIONS)
-        if not 0 <= self.negative_slope < 1:
-            raise ValueError(f"negative_slope must be in [0, 1), got {self.negative_slope!r}")
+        _check_training_settings(self)
         _check_choice("loss", self.loss, LOSSES)
         _check_choice("class_vectors", self.class_vectors, CLASS_VECTOR_METHODS)
         _check_choice("loop_order", self.loop_order, LOOP_ORDERS)
@@ -186,14 +191,4 @@ class BackpropConfig:
     shuffle: bool = True
 
     def __post_init__(self) -> None:
-        _check_hidden_widths(self.hidden_widths)
-        _check_positive_int("epochs", self.epochs)
-        _check_positive_int("batch_size", self.batch_size)
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_positive_float("lr", self.lr)
-        if isinstance(self.momentum, bool) or not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        _check_schedule(self.lr_step_epochs, self.lr_gamma)
-        _check_choice("activation", self.activation, ACTIVATIONS)
-        if not 0 <= self.negative_slope < 1:
-            raise ValueError(f"negative_slope must be in [0, 1), got {self.negative_slope!r}")
+        _check_training_settings(self)

@@ -6,6 +6,9 @@ or a CUDA device. They fit one head, seeded by `random_state`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import fields
+
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -37,7 +40,10 @@ def _seed_from_random_state(random_state) -> int:
 
 
 class _HeadClassifier(ClassifierMixin, BaseEstimator):
-    """Shared fit/predict logic; subclasses set `_fit_heads` and the exit layer rule."""
+    """Shared fit/predict logic; subclasses name their config type and fit function."""
+
+    _config_type: type[SpelaConfig] | type[BackpropConfig]
+    _fit_function: Callable[..., FittedHeads]
 
     def fit(self, X, y):
         """Fit one head on features X [n_samples, n_features] and labels y [n_samples].
@@ -65,6 +71,19 @@ class _HeadClassifier(ClassifierMixin, BaseEstimator):
         )
         self._exit_index()
         return self
+
+    def _fit_heads(
+        self, features: torch.Tensor, labels: torch.Tensor, num_classes: int
+    ) -> FittedHeads:
+        # Every estimator parameter that is also a config field passes straight through.
+        params = self.get_params()
+        settings = {f.name: params[f.name] for f in fields(self._config_type) if f.name in params}
+        widths = None if self.hidden_widths is None else tuple(self.hidden_widths)
+        settings["hidden_widths"] = resolve_hidden_widths(widths, num_classes)
+        config = self._config_type(**settings)
+        return self._fit_function(
+            features, labels, num_classes, config, seeds=[self.seed_], device=self.device
+        )
 
     def _exit_index(self) -> int:
         exits = self.heads_.exit_layers
@@ -126,6 +145,9 @@ class SpelaClassifier(_HeadClassifier):
         device: Torch device to train and predict on, such as `cpu` or `cuda`.
     """
 
+    _config_type = SpelaConfig
+    _fit_function = staticmethod(fit_spela)
+
     def __init__(
         self,
         hidden_widths=None,
@@ -168,32 +190,6 @@ class SpelaClassifier(_HeadClassifier):
         self.random_state = random_state
         self.device = device
 
-    def _fit_heads(
-        self, features: torch.Tensor, labels: torch.Tensor, num_classes: int
-    ) -> FittedHeads:
-        widths = None if self.hidden_widths is None else tuple(self.hidden_widths)
-        config = SpelaConfig(
-            hidden_widths=resolve_hidden_widths(widths, num_classes),
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            optimizer=self.optimizer,
-            lr=self.lr,
-            momentum=self.momentum,
-            lr_step_epochs=self.lr_step_epochs,
-            lr_gamma=self.lr_gamma,
-            activation=self.activation,
-            negative_slope=self.negative_slope,
-            loss=self.loss,
-            normalize_input=self.normalize_input,
-            class_vectors=self.class_vectors,
-            loop_order=self.loop_order,
-            binarize_weights=self.binarize_weights,
-            update=self.update,
-        )
-        return fit_spela(
-            features, labels, num_classes, config, seeds=[self.seed_], device=self.device
-        )
-
 
 class BackpropClassifier(_HeadClassifier):
     """Backprop MLP head: hidden layers like SPELA's plus a linear layer to logits.
@@ -207,6 +203,9 @@ class BackpropClassifier(_HeadClassifier):
         random_state: Seed of init and batch order: an int, None or a numpy RandomState.
         device: Torch device to train and predict on, such as `cpu` or `cuda`.
     """
+
+    _config_type = BackpropConfig
+    _fit_function = staticmethod(fit_backprop)
 
     def __init__(
         self,
@@ -237,26 +236,6 @@ class BackpropClassifier(_HeadClassifier):
         self.exit_layer = exit_layer
         self.random_state = random_state
         self.device = device
-
-    def _fit_heads(
-        self, features: torch.Tensor, labels: torch.Tensor, num_classes: int
-    ) -> FittedHeads:
-        widths = None if self.hidden_widths is None else tuple(self.hidden_widths)
-        config = BackpropConfig(
-            hidden_widths=resolve_hidden_widths(widths, num_classes),
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            optimizer=self.optimizer,
-            lr=self.lr,
-            momentum=self.momentum,
-            lr_step_epochs=self.lr_step_epochs,
-            lr_gamma=self.lr_gamma,
-            activation=self.activation,
-            negative_slope=self.negative_slope,
-        )
-        return fit_backprop(
-            features, labels, num_classes, config, seeds=[self.seed_], device=self.device
-        )
 
     def predict_proba(self, X) -> np.ndarray:
         """Return class probabilities [n_samples, n_classes], the softmax of the logits."""
