@@ -397,6 +397,8 @@ def run_pixels(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         optimizer=args.optimizer,
         lr=args.lr,
+        lr_step_epochs=args.lr_step_epochs,
+        lr_gamma=args.lr_gamma,
         normalize_input=args.normalize,
     )
     backprop_config = BackpropConfig(
@@ -405,6 +407,8 @@ def run_pixels(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         optimizer=args.optimizer,
         lr=args.lr,
+        lr_step_epochs=args.lr_step_epochs,
+        lr_gamma=args.lr_gamma,
     )
     print(f"Features: {feature_set.key}, {tuple(features.shape)}; seeds {seeds}")
     print(f"SPELA: {spela_config}")
@@ -471,6 +475,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50, help="pixels: batch size")
     parser.add_argument("--optimizer", default="adam", help="pixels: adam or sgd")
     parser.add_argument("--lr", type=float, default=1e-3, help="pixels: learning rate")
+    parser.add_argument(
+        "--lr-step-epochs", type=int, default=None, help="pixels: epochs between lr decays"
+    )
+    parser.add_argument("--lr-gamma", type=float, default=0.1, help="pixels: lr decay factor")
     parser.add_argument(
         "--normalize", action="store_true", help="pixels: L2-normalise every SPELA layer input"
     )

@@ -22,6 +22,13 @@ logger = logging.getLogger("spela_transfer")
 # line; anything else is a bug and keeps its traceback.
 USER_ERRORS = (SpelaTransferError, ValueError, FileNotFoundError, NotADirectoryError, KeyError)
 
+# What an interrupted command keeps, and how to continue it.
+RESUME_HINTS = {
+    "extract": "complete chunks are kept; rerun the same command to resume from them",
+    "fit": "finished runs are kept in runs.csv; rerun with --resume and the same --out to continue",
+    "report": "nothing was lost; rerun the same command",
+}
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -29,6 +36,8 @@ EXIT_INTERRUPTED = 130
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spela-transfer",
+        # Without this, argparse reads a prefix such as --download as --download-weights.
+        allow_abbrev=False,
         description="Cache frozen-backbone features and compare SPELA, backprop and "
         "logistic-regression heads on them.",
     )
@@ -58,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt:
         print(
-            "spela-transfer: interrupted; finished work is kept, rerun the same command to resume",
+            f"spela-transfer {args.command}: interrupted; {RESUME_HINTS[args.command]}",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
