@@ -345,7 +345,8 @@ def load_experiment_config(
     Args:
         path: YAML file; None starts from the defaults (the offline demo).
         overrides: Settings that replace the file's, keyed like the YAML file;
-            `extract` and `protocol` are nested mappings merged key by key.
+            `extract`, `protocol`, `spela` and `backprop` are nested mappings merged
+            key by key.
 
     Raises:
         FileNotFoundError: `path` does not exist.
@@ -369,7 +370,7 @@ def load_experiment_config(
             raise ValueError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
 
     for key, value in (overrides or {}).items():
-        if key in ("extract", "protocol"):
+        if key in ("extract", "protocol", "spela", "backprop"):
             section = data.get(key) or {}
             if not isinstance(section, dict):
                 raise ValueError(f"{source}: '{key}' must be a mapping, got {section!r}")

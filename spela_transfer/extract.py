@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 
 # Rows per chunk: what an interrupted run loses at most, and the memory a chunk needs.
 DEFAULT_CHUNK_SIZE = 2048
-# Lock file inside a cache folder; it stays behind, empty, once the cache is complete.
+# Lock file inside a cache folder while extraction runs; deleted once the cache is complete.
 LOCK_FILE = ".extract.lock"
 # Version of the decode-and-resize code; part of the cache key because it changes pixels.
 LOADER_VERSION = 1
@@ -115,6 +115,7 @@ def extract_features(
     *,
     progress: bool | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    min_classes: int = 1,
 ) -> FeatureSet:
     """Return the cached features of a request, extracting and caching them when missing.
 
@@ -125,6 +126,8 @@ def extract_features(
         config: What to extract and how.
         progress: Show a tqdm progress bar; None shows one only when stderr is a terminal.
         chunk_size: Rows per cache chunk.
+        min_classes: Fewest classes the request may contain; `spela-transfer fit`
+            passes 2 because no head can learn from one class.
 
     Returns:
         The features, memory-mapped from the cache folder.
@@ -134,6 +137,7 @@ def extract_features(
             dataset, disagrees with this request (the message lists the differences).
         UnreadableImageError: An image cannot be decoded and `on_bad_image` is `fail`.
         BackboneUnavailableError: Pretrained weights cannot be had on this machine.
+        ValueError: The dataset's file list has fewer than `min_classes` classes.
     """
     started = time.perf_counter()
 
@@ -153,6 +157,7 @@ def extract_features(
         positions = balanced_subset(source.labels, config.limit, config.subset_seed)
     else:
         positions = np.arange(len(source), dtype=np.int64)
+    _check_class_count(config, source, positions, min_classes)
     device = resolve_device(config.device)
     request = build_request(config, spec, source)
     key = cache_key(request, _cache_label(config, spec))
@@ -175,6 +180,43 @@ def extract_features(
             return _cache_hit(folder, request, config)
         return _extract_into(
             folder, request, config, spec, source, positions, device, progress, chunk_size, started
+        )
+
+
+def _check_class_count(
+    config: ExtractConfig, source: ImageSource, positions: np.ndarray, min_classes: int
+) -> None:
+    # The labels come from the file list, so this costs no decoding.
+    present = np.unique(source.labels[positions])
+    if len(present) >= min_classes:
+        return
+    names = ", ".join(source.class_names[int(label)] for label in present) or "none"
+    raise ValueError(
+        f"dataset {config.dataset!r} contains {len(present)} class ({names}), but at least "
+        f"{min_classes} are needed to train and compare heads; pass a dataset with more classes"
+    )
+
+
+def _warn_short_classes(feature_set: FeatureSet, limit: int | None) -> None:
+    """Warn about classes with fewer than `limit` extracted images, skipped ones excluded."""
+    if limit is None:
+        return
+    counts = np.bincount(
+        np.asarray(feature_set.labels, dtype=np.int64), minlength=feature_set.num_classes
+    )
+    short = [
+        f"{feature_set.class_names[label]} ({int(count)})"
+        for label, count in enumerate(counts)
+        if count < limit
+    ]
+    if short:
+        logger.warning(
+            "%d of %d classes have fewer than %d extracted images (--limit), so they keep all "
+            "they have: %s",
+            len(short),
+            len(counts),
+            limit,
+            ", ".join(short),
         )
 
 
@@ -213,6 +255,10 @@ def _extraction_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
+            # Deleting the lock while holding it is safe: a process that waits on the old
+            # file, or locks a new one, finds the manifest and takes the cache hit path.
+            if (folder / MANIFEST_FILE).is_file():
+                (folder / LOCK_FILE).unlink(missing_ok=True)
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -236,6 +282,9 @@ def _extract_into(
         logger.info(
             "resuming %s: %d of %d chunks already done", folder, len(done), writer.num_chunks
         )
+    logger.info(
+        "extracting %d images with %s on %s into %s", len(positions), spec.name, device, folder
+    )
     backbone = spec.build(device)
     num_workers = _num_workers(config, source)
     extract_started = time.perf_counter()
@@ -265,6 +314,7 @@ def _extract_into(
             skipped,
             folder / MANIFEST_FILE,
         )
+    _warn_short_classes(feature_set, config.limit)
     return feature_set
 
 

@@ -168,6 +168,14 @@ def test_pretrained_not_cached_fails_fast(empty_weight_caches):
     assert "efficientnet_lite0.offline" in message
 
 
+def test_pretrained_not_cached_names_once(empty_weight_caches):
+    with pytest.raises(BackboneUnavailableError) as error:
+        resolve_backbone("resnet50.tv_in1k")
+    message = str(error.value)
+    assert "backbone 'resnet50.tv_in1k' are not in the local cache" in message
+    assert "(resnet50.tv_in1k)" not in message
+
+
 def test_pretrained_download_failure_is_reported(empty_weight_caches):
     with pytest.raises(BackboneUnavailableError, match=r"downloading pretrained weights of "):
         resolve_backbone("resnet18.tv_in1k", download=True)

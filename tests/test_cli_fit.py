@@ -167,6 +167,7 @@ def test_fit_features_not_a_cache(capsys, tmp_path):
     error = run_error(capsys, "fit", "--features", str(tmp_path))
 
     assert "has no manifest.json: it is not a spela-transfer feature cache" in error
+    assert "pass a folder made by `spela-transfer extract`, or drop --features" in error
 
 
 def test_fit_features_missing(capsys, tmp_path):
@@ -279,3 +280,218 @@ def test_module_entry_point_end_to_end(tmp_path):
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
     assert "unknown heads 'svm'" in bad.stderr
+
+
+def test_flag_prefixes_rejected(capsys):
+    for argv in (["fit", "--download-w"], ["--qui", "fit"], ["fit", "--epoch", "3"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+
+        assert exit_info.value.code == 2, argv
+        assert "unrecognized arguments" in capsys.readouterr().err, argv
+
+
+def test_fit_flags_set_every_field():
+    from spela_transfer.cli import build_parser
+    from spela_transfer.cli.fit import overrides_from_args
+    from spela_transfer.config import load_experiment_config
+
+    args = build_parser().parse_args(
+        [
+            "fit",
+            "--download",
+            "--split",
+            "train",
+            "--subset-seed",
+            "3",
+            "--on-bad-image",
+            "fail",
+            "--dtype",
+            "float16",
+            "--no-pretrained",
+            "--num-workers",
+            "0",
+            "--extract-batch-size",
+            "7",
+            "--batch-size",
+            "16",
+            "--logreg-max-iter",
+            "50",
+        ]
+    )
+    config = load_experiment_config(None, overrides_from_args(args))
+
+    assert config.extract.download is True
+    assert config.extract.split == "train"
+    assert config.extract.subset_seed == 3
+    assert config.extract.on_bad_image == "fail"
+    assert config.extract.dtype == "float16"
+    assert config.extract.pretrained is False
+    assert config.extract.num_workers == 0
+    assert config.extract.batch_size == 7
+    assert config.batch_size == 16
+    assert config.logreg_max_iter == 50
+
+
+def test_fit_download_flag_reaches_dataset(capsys, tmp_path):
+    error = run_error(capsys, "fit", "--dataset", "cifar10", "--root", str(tmp_path))
+    assert "not found in root" in error
+    assert "add --download" in error
+
+    # The test session blocks the network, so the download fails at once.
+    error = run_error(capsys, "fit", "--dataset", "cifar10", "--root", str(tmp_path), "--download")
+    assert "downloading dataset 'cifar10'" in error
+
+
+def test_fit_skips_point_without_training_sample(offline_features, tmp_path, capsys):
+    out_dir = tmp_path / "r"
+    code = fit(
+        "--features",
+        str(offline_features.path),
+        "--out",
+        str(out_dir),
+        "--heads",
+        "logreg",
+        "--protocols",
+        "test-size",
+        "--test-sizes",
+        "0.5,0.9999",
+    )
+    captured = capsys.readouterr()
+
+    assert code == 0
+    assert "Skipped test size 0.9999 because" in captured.out
+    assert "test-size 0.9999: skipped because" in captured.err
+    assert json.loads((out_dir / "run.json").read_text())["skipped_points"]
+
+
+def test_fit_resume_uses_saved_config(fitted_folder, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import spela_transfer.extract
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("a resume of a --features sweep must not extract")
+
+    monkeypatch.setattr(spela_transfer.extract, "extract_features", no_extraction)
+    out_dir = tmp_path / "copy"
+    shutil.copytree(fitted_folder, out_dir)
+    before = (out_dir / "runs.csv").read_text()
+
+    code = fit("--resume", "--out", str(out_dir))
+
+    assert code == 0
+    assert (out_dir / "runs.csv").read_text() == before
+
+
+def test_fit_resume_mismatch_before_features(fitted_folder, tmp_path, capsys):
+    import shutil
+
+    out_dir = tmp_path / "copy"
+    shutil.copytree(fitted_folder, out_dir)
+
+    # The missing --features folder would fail later, so this error comes first.
+    error = run_error(
+        capsys,
+        "fit",
+        "--resume",
+        "--out",
+        str(out_dir),
+        "--epochs",
+        "3",
+        "--features",
+        str(tmp_path / "nowhere"),
+    )
+
+    assert "cannot resume" in error
+    assert "epochs 2 != 3" in error
+
+
+def test_fit_one_class_dataset_rejected(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "images" / "only").mkdir(parents=True)
+    for index in range(2):
+        Image.new("RGB", (8, 8), (index, 0, 0)).save(tmp_path / "images" / "only" / f"{index}.png")
+
+    error = run_error(
+        capsys,
+        "fit",
+        "--dataset",
+        str(tmp_path / "images"),
+        "--backbone",
+        "pixels",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--out",
+        str(tmp_path / "r"),
+    )
+
+    assert "contains 1 class (only), but at least 2 are needed" in error
+    assert not (tmp_path / "c").exists()
+
+
+def test_fit_head_setting_flags(tmp_path):
+    from spela_transfer.cli import build_parser
+    from spela_transfer.cli.fit import command_line, overrides_from_args
+    from spela_transfer.config import load_experiment_config
+
+    config_file = tmp_path / "heads.yaml"
+    config_file.write_text("spela: {loss: log2cos, lr_gamma: 0.5}\n")
+    args = build_parser().parse_args(
+        [
+            "fit",
+            "--spela",
+            "optimizer=sgd",
+            "--spela",
+            "momentum=0.9",
+            "--backprop",
+            "shuffle=false",
+        ]
+    )
+
+    config = load_experiment_config(config_file, overrides_from_args(args))
+
+    assert config.spela == {"loss": "log2cos", "lr_gamma": 0.5, "optimizer": "sgd", "momentum": 0.9}
+    assert config.backprop == {"shuffle": False}
+    assert command_line(args)[-6:] == [
+        "--spela",
+        "optimizer=sgd",
+        "--spela",
+        "momentum=0.9",
+        "--backprop",
+        "shuffle=false",
+    ]
+
+
+def test_fit_head_setting_needs_equals(capsys):
+    error = run_error(capsys, "fit", "--spela", "loss")
+
+    assert "--spela expects KEY=VALUE, such as loss=log2cos; got 'loss'" in error
+
+
+def test_fit_has_flag_for_every_field():
+    import argparse
+    import dataclasses
+
+    from spela_transfer.cli import build_parser
+    from spela_transfer.config import ExperimentConfig, ExtractConfig, ProtocolConfig
+
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    dests = {action.dest for action in subcommands.choices["fit"]._actions}
+    # Fields whose flag has another name than the field.
+    renamed = {"batch_size": "extract_batch_size", "names": "protocols"}
+
+    for cls, skip in (
+        (ExtractConfig, set()),
+        (ExperimentConfig, {"extract", "protocol"}),
+        (ProtocolConfig, set()),
+    ):
+        for field in dataclasses.fields(cls):
+            if field.name in skip:
+                continue
+            dest = field.name
+            if cls is not ExperimentConfig:
+                dest = renamed.get(field.name, field.name)
+            assert dest in dests, f"{cls.__name__}.{field.name} has no fit flag"

@@ -426,7 +426,7 @@ def test_balanced_subset_counts_and_seed():
 
 def test_balanced_subset_short_class_keeps_all(caplog):
     labels = np.repeat(np.arange(2), [10, 2])
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.DEBUG, logger="spela_transfer.data.subset"):
         chosen = balanced_subset(labels, 5, seed=0)
     assert np.bincount(labels[chosen]).tolist() == [5, 2]
     assert "fewer than 5 samples" in caplog.text

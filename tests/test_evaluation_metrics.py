@@ -59,7 +59,7 @@ def test_top5_empty_when_few_classes(num_classes):
 
     assert metrics.top5 is None
     assert metrics.top5_note == (
-        f"top-5 undefined: needs more than 5 classes, the data has {num_classes}"
+        f"top-5 accuracy needs more than 5 classes, but the data has {num_classes}"
     )
     assert top_k_note(5, 6) == ""
 

@@ -145,3 +145,12 @@ def test_k_shot_small_class_warns_and_keeps_all():
 def test_k_shot_rejects_invalid_k(sample_labels, k):
     with pytest.raises(ValueError, match="k-shot must be a positive integer"):
         split_k_shot(sample_labels, k, test_size=0.5, split_seed=0)
+
+
+def test_k_shot_warning_names_classes():
+    labels = np.array([0] * 40 + [1] * 40 + [2] * 4)
+
+    with pytest.warns(FewSamplesWarning, match=r"keep all they have: triangle \(\d\)$"):
+        split_k_shot(
+            labels, 10, test_size=0.5, split_seed=0, class_names=["circle", "square", "triangle"]
+        )

@@ -11,11 +11,17 @@ import pytest
 import torch
 
 from spela_transfer.cache import FeatureSet
-from spela_transfer.config import ExperimentConfig, ProtocolConfig
+from spela_transfer.config import (
+    ExperimentConfig,
+    ExtractConfig,
+    ProtocolConfig,
+    experiment_config_to_dict,
+)
 from spela_transfer.errors import SpelaTransferError
-from spela_transfer.evaluation.report import markdown_tables, summarize
+from spela_transfer.evaluation.report import markdown_tables, summarize, write_report
 from spela_transfer.evaluation.results import RUNS_COLUMNS, TIMING_COLUMNS
 from spela_transfer.evaluation.runner import (
+    check_resume_settings,
     prepare_output_folder,
     resolve_device,
     run_experiment,
@@ -202,11 +208,16 @@ def test_top5_empty_with_five_classes(offline_features, tmp_path):
     runs = run_experiment(five_classes, config, tmp_path)
 
     assert runs["top5"].isna().all()
-    assert set(runs["top5_note"]) == {"top-5 undefined: needs more than 5 classes, the data has 5"}
+    assert set(runs["top5_note"]) == {
+        "top-5 accuracy needs more than 5 classes, but the data has 5"
+    }
     table = markdown_tables(summarize(runs))
     assert "| 0.50 |" in table
     assert "— |" in table
-    assert "Top-5 is empty (—) because top-5 undefined: needs more than 5 classes" in table
+    assert (
+        "Top-5 is empty (—) because top-5 accuracy needs more than 5 classes, but the data has 5."
+        in table
+    )
 
 
 def test_invalid_head_setting(offline_features, tmp_path):
@@ -244,3 +255,64 @@ def test_resolve_device():
 def test_resolve_device_without_cuda():
     with pytest.raises(ValueError, match="CUDA is not available; use --device cpu"):
         resolve_device("cuda")
+
+
+def test_point_without_training_sample_skipped(offline_features, tmp_path):
+    # 0.9999 of 1,000 samples leaves no training sample, so that point cannot run.
+    config = dataclasses.replace(
+        TINY,
+        heads=("logreg",),
+        protocol=ProtocolConfig(names=("test-size",), test_sizes=(0.5, 0.9999)),
+    )
+
+    runs = run_experiment(offline_features, config, tmp_path)
+
+    assert set(runs["point"].astype(str)) == {"0.5"}
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert len(info["skipped_points"]) == 1
+    assert info["skipped_points"][0]["point"] == "0.9999"
+    assert "leaves 0 for training" in info["skipped_points"][0]["reason"]
+    table = write_report(tmp_path, runs)
+    assert "Skipped test size 0.9999 because test size 0.9999 of 1000 samples leaves 0" in table
+
+
+def test_no_runnable_point_fails_before_writing(offline_features, tmp_path):
+    config = dataclasses.replace(
+        TINY, protocol=ProtocolConfig(names=("test-size",), test_sizes=(0.9999,))
+    )
+    out_dir = tmp_path / "out"
+
+    with pytest.raises(ValueError, match=r"no protocol point can run on 1000 samples \(test-size"):
+        run_experiment(offline_features, config, out_dir)
+    assert not out_dir.exists()
+
+
+def test_run_json_torch_version_matches_manifest(tiny_runs, offline_features):
+    out_dir, _ = tiny_runs
+    info = json.loads((out_dir / "run.json").read_text())
+
+    assert info["versions"]["torch"] == torch.__version__
+    assert info["versions"]["torch"] == offline_features.manifest["versions"]["torch"]
+
+
+def test_missing_classes_note_uses_names(tiny_runs, offline_features):
+    _, runs = tiny_runs
+
+    table = markdown_tables(summarize(runs), offline_features.class_names)
+
+    # At test size 0.99, 10 training samples cannot cover all 10 classes.
+    note = next(line for line in table.splitlines() if "had no training sample" in line)
+    assert any(name in note for name in offline_features.class_names)
+
+
+def test_resume_check_before_extraction(tmp_path):
+    (tmp_path / "runs.csv").write_text("head\n")
+    previous = ExperimentConfig(extract=ExtractConfig(dataset="one-folder"))
+    (tmp_path / "run.json").write_text(
+        json.dumps({"cache_key": "k", "config": experiment_config_to_dict(previous)})
+    )
+    requested = ExperimentConfig(extract=ExtractConfig(dataset="other-folder"))
+
+    check_resume_settings(tmp_path, previous)
+    with pytest.raises(SpelaTransferError, match=r"extract dataset 'one-folder' != 'other-folder'"):
+        check_resume_settings(tmp_path, requested)

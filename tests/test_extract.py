@@ -435,3 +435,54 @@ def test_second_process_waits_for_lock(folder, tmp_path, caplog):
         fcntl.flock(holder, fcntl.LOCK_UN)
     worker.join(60)
     assert len(results[0]) == 12
+
+
+def test_lock_file_removed_when_complete(folder, tmp_path):
+    from spela_transfer.extract import LOCK_FILE
+
+    features = extract_features(_config(folder, tmp_path / "c"), progress=False)
+
+    assert (features.path / MANIFEST_FILE).is_file()
+    assert not (features.path / LOCK_FILE).exists()
+
+
+def test_extraction_start_is_logged(folder, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="spela_transfer.extract"):
+        extract_features(_config(folder, tmp_path / "c"), progress=False)
+
+    assert "extracting 12 images with resnet18" in caplog.text
+
+
+def test_short_classes_named_after_skips(folder, tmp_path, caplog):
+    import logging
+
+    (folder / "dog" / "0.png").write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING, logger="spela_transfer.extract"):
+        features = extract_features(_config(folder, tmp_path / "c", limit=4), progress=False)
+
+    assert len(features) == 11
+    assert "1 of 3 classes have fewer than 4 extracted images" in caplog.text
+    assert "keep all they have: dog (3)" in caplog.text
+
+
+def test_one_class_rejected_before_extraction(tmp_path):
+    _make_folder(tmp_path / "images")
+    for name in ("dog", "owl"):
+        for path in (tmp_path / "images" / name).iterdir():
+            path.unlink()
+        (tmp_path / "images" / name).rmdir()
+    config = _config(tmp_path / "images", tmp_path / "c")
+
+    with pytest.raises(ValueError, match=r"contains 1 class \(cat\), but at least 2 are needed"):
+        extract_features(config, progress=False, min_classes=2)
+    assert not (tmp_path / "c").exists()
+
+
+def test_extract_flags_need_full_names(folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["extract", "--dataset", str(folder), "--batch", "5"])
+
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --batch" in capsys.readouterr().err

@@ -169,8 +169,10 @@ def _cached_pretrained_file(
 
     if download:
         return _download_pretrained(name, hf_hub_id, url)
+    # The timm model name is shown only when it adds to the requested name.
+    described = repr(name) if name == model_name else f"{name!r} ({model_name})"
     raise BackboneUnavailableError(
-        f"pretrained weights of backbone {name!r} ({model_name}) are not in the local cache "
+        f"pretrained weights of backbone {described} are not in the local cache "
         f"(looked in {' and '.join(looked_in)}); rerun with --download-weights on a machine "
         "with network access, pass a local state dict with --weights PATH, or use the "
         "offline backbone efficientnet_lite0.offline"

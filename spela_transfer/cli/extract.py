@@ -18,6 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "extract",
         help=HELP,
+        allow_abbrev=False,
         description="Compute the features of a frozen backbone for every image of a dataset "
         "and store them in the feature cache; a request already cached is a cache hit.",
     )
@@ -162,11 +163,13 @@ def _yaml_values(path: Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from spela_transfer.cli.fit import warnings_to_log
     from spela_transfer.extract import extract_features
 
     config = config_from_args(args)
     started = time.perf_counter()
-    feature_set = extract_features(config, progress=args.progress)
+    with warnings_to_log():
+        feature_set = extract_features(config, progress=args.progress)
     seconds = time.perf_counter() - started
 
     print(format_summary(feature_set, seconds))

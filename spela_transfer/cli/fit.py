@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import re
+import warnings
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
 
 from spela_transfer.config import ExperimentConfig, load_experiment_config, parse_seeds
-from spela_transfer.errors import CacheMismatchError
+from spela_transfer.errors import CacheCorruptError, CacheMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +23,7 @@ logger = logging.getLogger(__name__)
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "fit",
+        allow_abbrev=False,
         help="train SPELA, backprop and logistic-regression heads and report their accuracy",
         description="Train SPELA, backprop and logistic-regression heads on the same splits of "
         "cached features (extracting them first if needed), write runs.csv, summary.csv, "
@@ -37,6 +41,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     source.add_argument("--dataset", help="dataset to extract (see `spela-transfer extract`)")
     source.add_argument("--root", help="folder of a torchvision dataset")
+    source.add_argument(
+        "--split",
+        choices=("train", "test", "all"),
+        help="dataset split to extract (default: all)",
+    )
+    source.add_argument(
+        "--download",
+        action="store_true",
+        default=None,
+        help="let torchvision download the dataset into --root",
+    )
+    source.add_argument(
+        "--subset-seed", type=int, metavar="SEED", help="seed of the --limit subset (default: 0)"
+    )
+    source.add_argument(
+        "--on-bad-image",
+        choices=("skip", "fail"),
+        help="skip undecodable images and record them in the manifest, or stop (default: skip)",
+    )
     source.add_argument("--backbone", help="timm model name or efficientnet_lite0.offline")
     source.add_argument(
         "--weights", metavar="PATH", help="local .pth or .safetensors state dict of the backbone"
@@ -47,11 +70,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="let timm download pretrained weights missing from the local cache",
     )
+    source.add_argument(
+        "--no-pretrained",
+        dest="pretrained",
+        action="store_false",
+        default=None,
+        help="random backbone weights (seeded) instead of pretrained ones",
+    )
     source.add_argument("--limit", type=int, help="images per class to extract")
     source.add_argument(
         "--image-size", type=int, metavar="PIXELS", help="backbone input size in pixels"
     )
     source.add_argument("--cache-dir", metavar="DIR", help="root folder of the feature cache")
+    source.add_argument(
+        "--extract-batch-size",
+        type=int,
+        metavar="N",
+        help="images per backbone forward pass during extraction (default: 64)",
+    )
+    source.add_argument(
+        "--num-workers",
+        type=int,
+        help="image-decoding worker processes during extraction (default: from the CPU count)",
+    )
+    source.add_argument(
+        "--dtype",
+        choices=("float32", "float16"),
+        help="storage type of the extracted features (default: float32)",
+    )
 
     protocol = parser.add_argument_group("protocols")
     protocol.add_argument(
@@ -91,6 +137,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="hidden layer widths, e.g. 512,64 (default: by class count)",
     )
     training.add_argument(
+        "--spela",
+        action="append",
+        metavar="KEY=VALUE",
+        help="further SPELA head setting, e.g. loss=log2cos or optimizer=sgd; repeat the flag "
+        "for more settings",
+    )
+    training.add_argument(
+        "--backprop",
+        action="append",
+        metavar="KEY=VALUE",
+        help="further backprop head setting, e.g. optimizer=sgd; repeat the flag for more",
+    )
+    training.add_argument(
+        "--logreg-max-iter",
+        type=int,
+        metavar="N",
+        help="iteration limit of the logistic-regression probe (default: 1000)",
+    )
+    training.add_argument(
         "--device", help="torch device of the heads and backbone: cpu, cuda, cuda:N or auto"
     )
     training.add_argument(
@@ -115,33 +180,70 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_experiment_config(args.config, overrides_from_args(args))
-    features, config = load_or_extract(config, backbone_requested(args))
-
-    out_dir = Path(config.out) if config.out else default_out_dir(config)
+    config_path = resolve_config_path(args)
+    config = load_experiment_config(config_path, overrides_from_args(args))
 
     # Imported here so that `spela-transfer --help` does not wait for torch.
     from spela_transfer.evaluation.report import write_report
-    from spela_transfer.evaluation.runner import run_experiment
+    from spela_transfer.evaluation.runner import check_resume_settings, run_experiment
 
-    runs = run_experiment(
-        features,
-        config,
-        out_dir,
-        resume=args.resume,
-        force=args.force,
-        command=command_line(args),
-    )
-    markdown = write_report(out_dir, runs)
+    # A mismatch found now costs no extraction; the cache key is checked after it.
+    if args.resume and config.out:
+        check_resume_settings(config.out, config)
+
+    with warnings_to_log():
+        features, config = load_or_extract(config, backbone_requested(args, config_path))
+        out_dir = Path(config.out) if config.out else default_out_dir(config)
+        runs = run_experiment(
+            features,
+            config,
+            out_dir,
+            resume=args.resume,
+            force=args.force,
+            command=command_line(args),
+        )
+        markdown = write_report(out_dir, runs)
     print(markdown, end="")
     logger.info("results in %s", out_dir)
     return 0
+
+
+def resolve_config_path(args: argparse.Namespace) -> str | Path | None:
+    """Return `--config`, or with `--resume` and no `--config`, the saved config of `--out`."""
+    if args.config is not None or not args.resume or args.out is None:
+        return args.config
+    from spela_transfer.evaluation.results import CONFIG_FILE
+
+    saved = Path(args.out) / CONFIG_FILE
+    if not saved.is_file():
+        return None
+    logger.debug("resume: starting from the settings saved in %s; flags override them", saved)
+    return saved
+
+
+@contextlib.contextmanager
+def warnings_to_log() -> Iterator[None]:
+    """Log Python warnings as one readable line each instead of the raw warning text.
+
+    Library callers still get the typed warnings (such as `FewSamplesWarning`); only
+    the command line turns them into log lines.
+    """
+
+    def log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        logger.warning("%s", " ".join(str(message).split()))
+
+    with warnings.catch_warnings():
+        warnings.showwarning = log_warning
+        yield
 
 
 def command_line(args: argparse.Namespace) -> list[str]:
     """Rebuild an equivalent `spela-transfer fit` command from the parsed flags."""
     command = ["spela-transfer", "fit"]
     for dest, value in vars(args).items():
+        if dest == "pretrained" and value is False:
+            command.append("--no-pretrained")
+            continue
         if dest in ("run", "command", "debug", "quiet") or value is None or value is False:
             continue
         flag = "--" + dest.replace("_", "-")
@@ -149,6 +251,9 @@ def command_line(args: argparse.Namespace) -> list[str]:
             command.append(flag if value else "--no-stratify")
         elif value is True:
             command.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                command += [flag, str(item)]
         else:
             command += [flag, str(value)]
     return command
@@ -164,9 +269,17 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
             ("backbone", args.backbone),
             ("weights", args.weights),
             ("download_weights", args.download_weights),
+            ("split", args.split),
+            ("download", args.download),
+            ("subset_seed", args.subset_seed),
+            ("on_bad_image", args.on_bad_image),
+            ("pretrained", args.pretrained),
             ("limit", args.limit),
             ("image_size", args.image_size),
             ("cache_dir", args.cache_dir),
+            ("batch_size", args.extract_batch_size),
+            ("num_workers", args.num_workers),
+            ("dtype", args.dtype),
             ("device", args.device),
         )
         if value is not None
@@ -192,6 +305,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
             ("epochs", args.epochs),
             ("batch_size", args.batch_size),
             ("lr", args.lr),
+            ("logreg_max_iter", args.logreg_max_iter),
+            ("spela", _parse_settings(args.spela, "--spela")),
+            ("backprop", _parse_settings(args.backprop, "--backprop")),
             ("hidden_widths", _split_list(args.hidden_widths, int, "--hidden-widths")),
             ("device", args.device),
             ("threads", args.threads),
@@ -206,13 +322,13 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def backbone_requested(args: argparse.Namespace) -> bool:
+def backbone_requested(args: argparse.Namespace, config_path: str | Path | None) -> bool:
     """Tell whether the flags or the config file name a backbone explicitly."""
     if args.backbone is not None:
         return True
-    if args.config is None:
+    if config_path is None:
         return False
-    data = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
+    data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
     extract = data.get("extract") if isinstance(data, dict) else None
     return isinstance(extract, dict) and "backbone" in extract
 
@@ -231,7 +347,7 @@ def load_or_extract(config: ExperimentConfig, backbone_explicit: bool):
     if config.features is None:
         from spela_transfer.extract import extract_features
 
-        return extract_features(config.extract), config
+        return extract_features(config.extract, min_classes=2), config
 
     from spela_transfer.cache import load_features
 
@@ -241,7 +357,13 @@ def load_or_extract(config: ExperimentConfig, backbone_explicit: bool):
             f"features folder {str(path)!r} not found; pass a folder written by "
             "spela-transfer extract (see features/)"
         )
-    features = load_features(path)
+    try:
+        features = load_features(path)
+    except CacheCorruptError as error:
+        raise CacheCorruptError(
+            f"{error}; pass a folder made by `spela-transfer extract`, or drop --features to "
+            "extract the features"
+        ) from error
     cached_backbone = features.manifest.get("backbone")
     if backbone_explicit and cached_backbone != config.extract.backbone:
         raise CacheMismatchError(
@@ -260,6 +382,19 @@ def default_out_dir(config: ExperimentConfig) -> Path:
     dataset = Path(config.extract.dataset).name or config.extract.dataset
     name = f"{dataset}-{config.extract.backbone}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     return Path("results") / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def _parse_settings(items: list[str] | None, flag: str) -> dict | None:
+    """Parse repeated `KEY=VALUE` flags into a mapping; each value is read as YAML."""
+    if items is None:
+        return None
+    settings = {}
+    for item in items:
+        key, separator, text = item.partition("=")
+        if not separator or not key.strip():
+            raise ValueError(f"{flag} expects KEY=VALUE, such as loss=log2cos; got {item!r}")
+        settings[key.strip()] = yaml.safe_load(text)
+    return settings
 
 
 def _split_list(text: str | None, kind: type, flag: str) -> tuple | None:

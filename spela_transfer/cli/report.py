@@ -12,6 +12,7 @@ logger = logging.getLogger(__name__)
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "report",
+        allow_abbrev=False,
         help="redraw summary.csv, the Markdown table and the plots of a results folder",
         description="Read RESULTS_DIR/runs.csv, rewrite summary.csv, summary.md and the plots, "
         "and print the Markdown summary.",

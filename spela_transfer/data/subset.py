@@ -14,7 +14,8 @@ def balanced_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
 
     Args:
         labels: Label of each sample `[N]`.
-        limit: Samples per class; a class with fewer keeps all of them (logged).
+        limit: Samples per class; a class with fewer keeps all of them (logged at
+            debug level, because `extract_features` warns after skipped images are known).
         seed: Seed of the random choice; the same seed gives the same subset.
 
     Returns:
@@ -35,7 +36,7 @@ def balanced_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
             short.append(f"{int(label)} ({len(members)})")
         chosen.append(rng.permutation(members)[:limit])
     if short:
-        logger.warning(
+        logger.debug(
             "%d class(es) have fewer than %d samples and keep all they have: %s",
             len(short),
             limit,

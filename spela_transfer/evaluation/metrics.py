@@ -39,7 +39,7 @@ def top_k_note(k: int, num_classes: int) -> str:
     """Return why top-k is undefined for `num_classes`, or "" when it is defined."""
     if k < num_classes:
         return ""
-    return f"top-{k} undefined: needs more than {k} classes, the data has {num_classes}"
+    return f"top-{k} accuracy needs more than {k} classes, but the data has {num_classes}"
 
 
 def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,7 +104,12 @@ def split_by_test_size(
 
 
 def split_k_shot(
-    labels: np.ndarray, k: int, test_size: float, split_seed: int, stratify: bool = False
+    labels: np.ndarray,
+    k: int,
+    test_size: float,
+    split_seed: int,
+    stratify: bool = False,
+    class_names: Sequence[str] | None = None,
 ) -> Split:
     """Draw k training samples per class from the train part of a fixed split.
 
@@ -117,6 +123,7 @@ def split_k_shot(
         split_seed: Seed of the fixed split and of the per-class draw, so every
             head seed trains on the same k samples.
         stratify: Stratify the fixed split.
+        class_names: Name of each label, used in the warning; None prints the labels.
 
     Returns:
         The split. A class with fewer than k training samples keeps all it has,
@@ -138,7 +145,8 @@ def split_k_shot(
     for label in np.unique(labels):
         pool = base.train_indices[labels[base.train_indices] == label]
         if len(pool) < k:
-            short.append(f"{int(label)} ({len(pool)})")
+            name = class_names[int(label)] if class_names is not None else str(int(label))
+            short.append(f"{name} ({len(pool)})")
             chosen.append(pool)
         else:
             chosen.append(generator.choice(pool, size=k, replace=False))

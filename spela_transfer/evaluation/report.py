@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -12,7 +14,12 @@ matplotlib.use("Agg")  # Files only: no display is needed or wanted.
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from spela_transfer.evaluation.results import RUNS_FILE, SUMMARY_FILE, read_runs  # noqa: E402
+from spela_transfer.evaluation.results import (  # noqa: E402
+    RUN_JSON,
+    RUNS_FILE,
+    SUMMARY_FILE,
+    read_runs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +77,23 @@ def format_mean_std(mean: float, std: float) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
-def markdown_tables(summary: pd.DataFrame) -> str:
+def markdown_tables(
+    summary: pd.DataFrame,
+    class_names: Sequence[str] | None = None,
+    skipped_points: Sequence[dict] = (),
+) -> str:
     """Render the output-layer summary as Markdown tables, one per protocol.
 
     Rows are test sizes (or k), and columns are the top-1 and top-5 accuracy of
     each head as mean ± std in percent. This is the layout of the transfer tables
     in the SPELA paper (arXiv 2402.09769).
+
+    Args:
+        summary: Output of `summarize`.
+        class_names: Name of each label, for the note on classes without training
+            samples; None prints the labels.
+        skipped_points: Protocol points the sweep could not run, as stored in
+            `run.json`; each gets a note under the tables.
     """
     if summary.empty:
         return "No finished runs.\n"
@@ -127,11 +145,20 @@ def markdown_tables(summary: pd.DataFrame) -> str:
     missing = outputs[outputs["missing_train_classes"].fillna("") != ""]
     for (protocol, point), rows in missing.groupby(["protocol", "point"], sort=False):
         where = f"test size {point}" if protocol == "test-size" else f"{point}-shot"
-        labels = rows["missing_train_classes"].iloc[0].replace(" ", ", ")
-        notes.append(f"At {where}, classes {labels} had no training sample.")
+        labels = str(rows["missing_train_classes"].iloc[0]).split()
+        if class_names is not None:
+            labels = [class_names[int(label)] for label in labels]
+        notes.append(f"At {where}, classes {', '.join(labels)} had no training sample.")
     top5_notes = sorted(set(outputs["top5_note"]) - {""})
     if top5_notes:
         notes.append("Top-5 is empty (—) because " + "; ".join(top5_notes) + ".")
+    for point in skipped_points:
+        where = (
+            f"test size {point['point']}"
+            if point["protocol"] == "test-size"
+            else f"{point['point']}-shot"
+        )
+        notes.append(f"Skipped {where} because {point['reason']}.")
     return "\n\n".join(sections) + "\n\n" + "\n".join(notes) + "\n"
 
 
@@ -248,9 +275,15 @@ def write_report(out_dir: str | Path, runs: pd.DataFrame | None = None) -> str:
             )
         runs = read_runs(out_dir)
 
+    run_info = {}
+    if (out_dir / RUN_JSON).is_file():
+        run_info = json.loads((out_dir / RUN_JSON).read_text(encoding="utf-8"))
+
     summary = summarize(runs)
     summary.to_csv(out_dir / SUMMARY_FILE, index=False, float_format="%.6f")
-    markdown = markdown_tables(summary)
+    markdown = markdown_tables(
+        summary, run_info.get("class_names"), run_info.get("skipped_points", ())
+    )
     (out_dir / "summary.md").write_text(markdown, encoding="utf-8")
 
     plots = out_dir / PLOTS_FOLDER

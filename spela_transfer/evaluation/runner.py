@@ -19,9 +19,10 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,6 +63,19 @@ logger = logging.getLogger(__name__)
 # Settings that change the numbers: a resumed sweep must match them.
 _FINGERPRINT_KEYS = ("epochs", "batch_size", "lr", "hidden_widths", "spela", "backprop")
 _FINGERPRINT_PROTOCOL_KEYS = ("split_seed", "stratify", "k_shot_test_size")
+# Extraction settings that change the cache key, compared before extraction on resume.
+_FINGERPRINT_EXTRACT_KEYS = (
+    "dataset",
+    "root",
+    "split",
+    "backbone",
+    "weights",
+    "pretrained",
+    "image_size",
+    "limit",
+    "subset_seed",
+    "dtype",
+)
 
 
 @dataclass(frozen=True)
@@ -101,16 +115,76 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def protocol_splits(labels: np.ndarray, config: ExperimentConfig) -> Iterator[Split]:
-    """Yield the split of every protocol point, test sizes first, then k-shots."""
+def protocol_splits(
+    labels: np.ndarray, config: ExperimentConfig, class_names: Sequence[str] | None = None
+) -> Iterator[Split]:
+    """Yield the split of every protocol point, test sizes first, then k-shots.
+
+    Raises:
+        ValueError: A point cannot be split (see `plan_splits` to skip such points).
+    """
+    for _, _, make_split in _point_makers(labels, config, class_names):
+        yield make_split()
+
+
+def plan_splits(
+    labels: np.ndarray, config: ExperimentConfig, class_names: Sequence[str] | None = None
+) -> tuple[list[Split], list[dict]]:
+    """Split every protocol point before any training, setting aside points that cannot run.
+
+    Returns:
+        The splits that can run, and one `{"protocol", "point", "reason"}` mapping per
+        point that cannot, such as a test size that leaves no training sample.
+
+    Raises:
+        ValueError: No protocol point can run, so the sweep would produce nothing.
+    """
+    splits: list[Split] = []
+    skipped: list[dict] = []
+    for protocol, point, make_split in _point_makers(labels, config, class_names):
+        try:
+            splits.append(make_split())
+        except ValueError as error:
+            skipped.append({"protocol": protocol, "point": point, "reason": str(error)})
+            logger.warning("%s %s: skipped because %s", protocol, point, error)
+    if not splits:
+        reasons = "; ".join(
+            f"{item['protocol']} {item['point']}: {item['reason']}" for item in skipped
+        )
+        raise ValueError(
+            f"no protocol point can run on {len(labels)} samples ({reasons}); "
+            "pick other --test-sizes or --k-shots, or use a larger dataset"
+        )
+    return splits, skipped
+
+
+def _point_makers(
+    labels: np.ndarray, config: ExperimentConfig, class_names: Sequence[str] | None
+) -> Iterator[tuple[str, str, Callable[[], Split]]]:
     protocol = config.protocol
     if "test-size" in protocol.names:
         for test_size in protocol.test_sizes:
-            yield split_by_test_size(labels, test_size, protocol.split_seed, protocol.stratify)
+            yield (
+                "test-size",
+                f"{test_size:g}",
+                partial(
+                    split_by_test_size, labels, test_size, protocol.split_seed, protocol.stratify
+                ),
+            )
     if "k-shot" in protocol.names:
         for k in protocol.k_shots:
-            yield split_k_shot(
-                labels, k, protocol.k_shot_test_size, protocol.split_seed, protocol.stratify
+            yield (
+                "k-shot",
+                str(k),
+                partial(
+                    split_k_shot,
+                    labels,
+                    k,
+                    protocol.k_shot_test_size,
+                    protocol.split_seed,
+                    protocol.stratify,
+                    class_names,
+                ),
             )
 
 
@@ -119,11 +193,12 @@ def point_label(split: Split) -> str:
     return f"{split.value:g}" if split.protocol == "test-size" else str(split.value)
 
 
-def prepare_output_folder(out_dir: Path, *, resume: bool, force: bool) -> None:
-    """Create `out_dir`, or clear or keep the results already in it.
+def check_output_folder(out_dir: Path, *, resume: bool, force: bool) -> list[str]:
+    """Return the result files already in `out_dir`, changing nothing.
 
     Raises:
         ValueError: `resume` and `force` are both set.
+        NotADirectoryError: `out_dir` is a file.
         SpelaTransferError: The folder contains results and neither flag is set.
     """
     if resume and force:
@@ -137,6 +212,17 @@ def prepare_output_folder(out_dir: Path, *, resume: bool, force: bool) -> None:
             f"output folder {str(out_dir)!r} already contains results ({', '.join(existing)}); "
             "pass --resume to continue them, --force to overwrite them, or another --out"
         )
+    return existing
+
+
+def prepare_output_folder(out_dir: Path, *, resume: bool, force: bool) -> None:
+    """Create `out_dir`, or clear or keep the results already in it.
+
+    Raises:
+        ValueError: `resume` and `force` are both set.
+        SpelaTransferError: The folder contains results and neither flag is set.
+    """
+    existing = check_output_folder(out_dir, resume=resume, force=force)
     if force:
         for name in existing:
             (out_dir / name).unlink()
@@ -178,16 +264,19 @@ def run_experiment(
     for head in config.heads:
         if head != "logreg":
             _head_trainer(head, config)  # Invalid head settings fail before any file is written.
+    check_output_folder(out_dir, resume=resume, force=force)
+    labels = np.asarray(features.labels, dtype=np.int64)
+    splits, skipped_points = plan_splits(labels, config, features.class_names)
     prepare_output_folder(out_dir, resume=resume, force=force)
 
     run_info = describe_run(features, config, device, command)
+    run_info["skipped_points"] = skipped_points
     done = _load_done_runs(out_dir, run_info) if resume else set()
     _write_json(out_dir / RUN_JSON, run_info)
     save_experiment_config(config, out_dir / CONFIG_FILE)
 
     # NOTE: every feature is loaded into memory as float32 once, so the cache must fit in RAM.
     all_features = features.load_features()
-    labels = np.asarray(features.labels, dtype=np.int64)
     num_classes = features.num_classes
     logger.info(
         "fit: %d samples × %d features, %d classes, heads %s, seeds %s, device %s, output %s",
@@ -215,7 +304,7 @@ def run_experiment(
         torch.set_num_threads(config.threads)
     try:
         with blas_limit:
-            _run_points(all_features, labels, config, done, device, out_dir, context)
+            _run_points(all_features, labels, splits, config, done, device, out_dir, context)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -225,6 +314,7 @@ def run_experiment(
 def _run_points(
     all_features: np.ndarray,
     labels: np.ndarray,
+    splits: list[Split],
     config: ExperimentConfig,
     done: set[tuple],
     device: str,
@@ -232,9 +322,9 @@ def _run_points(
     context: dict,
 ) -> None:
     num_classes = context["num_classes"]
-    num_fits = _count_points(config) * len(config.heads)
+    num_fits = len(splits) * len(config.heads)
     fit_index = 0
-    for split in protocol_splits(labels, config):
+    for split in splits:
         point = point_label(split)
         for head in config.heads:
             fit_index += 1
@@ -300,8 +390,12 @@ def describe_run(
     features: FeatureSet, config: ExperimentConfig, device: str, command: Sequence[str] | None
 ) -> dict:
     """Collect the resolved config, cache, package versions and machine for `run.json`."""
-    versions = {}
-    for package in ("torch", "timm", "torchvision", "scikit-learn", "numpy", "spela-transfer"):
+    # torch and torchvision report their build tag (2.14.1+cu130) only in __version__;
+    # the manifest records that string, so run.json records the same one.
+    import torchvision
+
+    versions = {"torch": torch.__version__, "torchvision": torchvision.__version__}
+    for package in ("timm", "scikit-learn", "numpy", "spela-transfer"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -331,12 +425,6 @@ def describe_run(
         "command": list(command) if command is not None else None,
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def _count_points(config: ExperimentConfig) -> int:
-    protocol = config.protocol
-    test_sizes = len(protocol.test_sizes) if "test-size" in protocol.names else 0
-    return test_sizes + (len(protocol.k_shots) if "k-shot" in protocol.names else 0)
 
 
 def _seeds_for(head: str, seeds: tuple[int, ...]) -> tuple[int, ...]:
@@ -542,10 +630,7 @@ def _load_done_runs(out_dir: Path, run_info: dict) -> set[tuple]:
         previous = json.loads(previous_path.read_text(encoding="utf-8"))
         differences = _fingerprint_differences(previous, run_info)
         if differences:
-            raise SpelaTransferError(
-                f"cannot resume {str(out_dir)!r}: its results were made with other settings "
-                f"({'; '.join(differences)}); pass --force to overwrite them or pick another --out"
-            )
+            raise SpelaTransferError(_resume_mismatch_message(out_dir, differences))
 
     _drop_partial_line(runs_path)
     runs = read_runs(out_dir)
@@ -553,6 +638,45 @@ def _load_done_runs(out_dir: Path, run_info: dict) -> set[tuple]:
     done = {(row.head, row.protocol, str(row.point), int(row.seed)) for row in outputs.itertuples()}
     logger.info("resume: %d finished runs in %s are kept", len(done), runs_path)
     return done
+
+
+def check_resume_settings(out_dir: str | Path, config: ExperimentConfig) -> None:
+    """Reject a resume whose settings differ from those of the results in `out_dir`.
+
+    Runs before extraction, so a mismatch costs no extraction. The cache key is
+    compared later, once the features are known. Until then, the extraction settings
+    that change the key stand in for it when neither run used `--features`. A
+    `--features` path is not compared, because a copy of the same cache has the same key.
+
+    Raises:
+        SpelaTransferError: The results in `out_dir` were made with other settings.
+    """
+    out_dir = Path(out_dir)
+    previous_path = out_dir / RUN_JSON
+    if not (out_dir / RUNS_FILE).exists() or not previous_path.is_file():
+        return
+    previous = json.loads(previous_path.read_text(encoding="utf-8"))
+    current_config = experiment_config_to_dict(config)
+    current = {"cache_key": previous.get("cache_key"), "config": current_config}
+    differences = _fingerprint_differences(previous, current)
+
+    old_config = previous.get("config", {})
+    if old_config.get("features") is None and current_config["features"] is None:
+        old_extract = old_config.get("extract", {})
+        for key in _FINGERPRINT_EXTRACT_KEYS:
+            if old_extract.get(key) != current_config["extract"][key]:
+                differences.append(
+                    f"extract {key} {old_extract.get(key)!r} != {current_config['extract'][key]!r}"
+                )
+    if differences:
+        raise SpelaTransferError(_resume_mismatch_message(out_dir, differences))
+
+
+def _resume_mismatch_message(out_dir: Path, differences: list[str]) -> str:
+    return (
+        f"cannot resume {str(out_dir)!r}: its results were made with other settings "
+        f"({'; '.join(differences)}); pass --force to overwrite them or pick another --out"
+    )
 
 
 def _fingerprint_differences(previous: dict, current: dict) -> list[str]:
