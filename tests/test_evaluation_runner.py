@@ -129,6 +129,25 @@ def test_resume_same_runs_apart_from_timing(tiny_runs, offline_features, tmp_pat
     pd.testing.assert_frame_equal(resumed[columns], complete[columns])
 
 
+def test_resume_drops_details_of_unfinished_runs(tiny_runs, offline_features, tmp_path):
+    source_dir, _ = tiny_runs
+    for name in ("runs.csv", "run.json", "details.jsonl"):
+        (tmp_path / name).write_bytes((source_dir / name).read_bytes())
+    # A kill after details.jsonl but before runs.csv leaves details of runs not in runs.csv.
+    lines = (tmp_path / "runs.csv").read_text().splitlines(keepends=True)
+    (tmp_path / "runs.csv").write_text("".join(lines[: 1 + 7]))
+
+    run_experiment(offline_features, TINY, tmp_path, resume=True)
+
+    def detail_keys(path):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        return sorted((r["head"], r["protocol"], r["point"], r["seed"]) for r in records)
+
+    resumed_keys = detail_keys(tmp_path / "details.jsonl")
+    assert len(resumed_keys) == len(set(resumed_keys))
+    assert resumed_keys == detail_keys(source_dir / "details.jsonl")
+
+
 def test_resume_of_complete_sweep_trains_nothing(tiny_runs, offline_features, tmp_path):
     source_dir, _ = tiny_runs
     for name in ("runs.csv", "run.json"):

@@ -22,7 +22,7 @@ logger = logging.getLogger("spela_transfer")
 # line; anything else is a bug and keeps its traceback.
 USER_ERRORS = (SpelaTransferError, ValueError, FileNotFoundError, NotADirectoryError, KeyError)
 
-# What an interrupted command keeps, and how to continue it.
+# Resume instructions printed when a command is interrupted, by command name.
 RESUME_HINTS = {
     "extract": "complete chunks are kept; rerun the same command to resume from them",
     "fit": "finished runs are kept in runs.csv; rerun with --resume and the same --out to continue",
@@ -51,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(debug: bool, quiet: bool) -> None:
-    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    level = logging.INFO
+    if debug:
+        level = logging.DEBUG
+    elif quiet:
+        level = logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.handlers[:] = [handler]

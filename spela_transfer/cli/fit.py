@@ -14,7 +14,13 @@ from pathlib import Path
 
 import yaml
 
-from spela_transfer.config import ExperimentConfig, load_experiment_config, parse_seeds
+from spela_transfer.cli._arguments import add_extraction_arguments
+from spela_transfer.config import (
+    OFFLINE_BACKBONE,
+    ExperimentConfig,
+    load_experiment_config,
+    parse_seeds,
+)
 from spela_transfer.errors import CacheCorruptError, CacheMismatchError
 
 logger = logging.getLogger(__name__)
@@ -39,64 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument(
         "--features", metavar="DIR", help="a feature cache folder to use instead of extracting"
     )
-    source.add_argument("--dataset", help="dataset to extract (see `spela-transfer extract`)")
-    source.add_argument("--root", help="folder of a torchvision dataset")
-    source.add_argument(
-        "--split",
-        choices=("train", "test", "all"),
-        help="dataset split to extract (default: all)",
-    )
-    source.add_argument(
-        "--download",
-        action="store_true",
-        default=None,
-        help="let torchvision download the dataset into --root",
-    )
-    source.add_argument(
-        "--subset-seed", type=int, metavar="SEED", help="seed of the --limit subset (default: 0)"
-    )
-    source.add_argument(
-        "--on-bad-image",
-        choices=("skip", "fail"),
-        help="skip undecodable images and record them in the manifest, or stop (default: skip)",
-    )
-    source.add_argument("--backbone", help="timm model name or efficientnet_lite0.offline")
-    source.add_argument(
-        "--weights", metavar="PATH", help="local .pth or .safetensors state dict of the backbone"
-    )
-    source.add_argument(
-        "--download-weights",
-        action="store_true",
-        default=None,
-        help="let timm download pretrained weights missing from the local cache",
-    )
-    source.add_argument(
-        "--no-pretrained",
-        dest="pretrained",
-        action="store_false",
-        default=None,
-        help="random backbone weights (seeded) instead of pretrained ones",
-    )
-    source.add_argument("--limit", type=int, help="images per class to extract")
-    source.add_argument(
-        "--image-size", type=int, metavar="PIXELS", help="backbone input size in pixels"
-    )
-    source.add_argument("--cache-dir", metavar="DIR", help="root folder of the feature cache")
-    source.add_argument(
-        "--extract-batch-size",
-        type=int,
-        metavar="N",
-        help="images per backbone forward pass during extraction (default: 64)",
-    )
-    source.add_argument(
-        "--num-workers",
-        type=int,
-        help="image-decoding worker processes during extraction (default: from the CPU count)",
-    )
-    source.add_argument(
-        "--dtype",
-        choices=("float32", "float16"),
-        help="storage type of the extracted features (default: float32)",
+    add_extraction_arguments(
+        parser, default_backbone=OFFLINE_BACKBONE, batch_size_flag="--extract-batch-size"
     )
 
     protocol = parser.add_argument_group("protocols")

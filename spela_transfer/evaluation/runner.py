@@ -570,6 +570,12 @@ def _append_runs(
                 )
 
     # One write per fit, flushed and synced, so an interruption cannot leave half a run.
+    # runs.csv is written last because it marks the fit as finished: a kill between the
+    # two writes leaves detail records that a resume drops and writes again.
+    with (out_dir / DETAILS_FILE).open("a", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(item) + "\n" for item in details)
+        handle.flush()
+        os.fsync(handle.fileno())
     runs_path = out_dir / RUNS_FILE
     new_file = not runs_path.exists() or runs_path.stat().st_size == 0
     with runs_path.open("a", newline="", encoding="utf-8") as handle:
@@ -579,8 +585,6 @@ def _append_runs(
         writer.writerows(rows)
         handle.flush()
         os.fsync(handle.fileno())
-    with (out_dir / DETAILS_FILE).open("a", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(item) + "\n" for item in details)
 
 
 def _run_row(
@@ -637,7 +641,26 @@ def _load_done_runs(out_dir: Path, run_info: dict) -> set[tuple]:
     outputs = runs[runs["is_output"].astype(str) == "True"]
     done = {(row.head, row.protocol, str(row.point), int(row.seed)) for row in outputs.itertuples()}
     logger.info("resume: %d finished runs in %s are kept", len(done), runs_path)
+    _keep_details_of(out_dir / DETAILS_FILE, done)
     return done
+
+
+def _keep_details_of(details_path: Path, done: set[tuple]) -> None:
+    """Rewrite `details.jsonl` with only the records of finished runs."""
+    if not details_path.exists():
+        return
+    kept = []
+    for line in details_path.read_text(encoding="utf-8").splitlines():
+        try:
+            item = json.loads(line)
+            key = (item["head"], item["protocol"], str(item["point"]), int(item["seed"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by a kill
+        if key in done:
+            kept.append(line + "\n")
+    temporary = details_path.with_suffix(".jsonl.tmp")
+    temporary.write_text("".join(kept), encoding="utf-8")
+    temporary.replace(details_path)
 
 
 def check_resume_settings(out_dir: str | Path, config: ExperimentConfig) -> None:
