@@ -156,7 +156,7 @@ class ProtocolConfig:
 
 
 # The offline demo's extraction: all 5,000 images of the shipped sample at 64 pixels.
-DEMO_EXTRACT = ExtractConfig(backbone=OFFLINE_BACKBONE, limit=500, image_size=64)
+DEMO_EXTRACT = ExtractConfig(backbone=OFFLINE_BACKBONE, image_size=64)
 
 
 @dataclass(frozen=True)
