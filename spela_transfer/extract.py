@@ -241,6 +241,7 @@ def _extraction_lock(folder: Path) -> Iterator[None]:
     The kernel releases the lock of a process that dies, so a killed run never blocks
     the next one, which then resumes its chunks.
     """
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     if fcntl is None:
         # NOTE: without fcntl (Windows), two processes extracting the same request at
@@ -259,6 +260,12 @@ def _extraction_lock(folder: Path) -> Iterator[None]:
             # file, or locks a new one, finds the manifest and takes the cache hit path.
             if (folder / MANIFEST_FILE).is_file():
                 (folder / LOCK_FILE).unlink(missing_ok=True)
+        except Exception:
+            # A run that failed before its first chunk (bad weights, say) leaves nothing to
+            # resume, so the folder it created goes too.
+            if created and not any((folder / CHUNKS_DIR).glob("chunk-*")):
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 

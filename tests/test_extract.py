@@ -486,3 +486,15 @@ def test_extract_flags_need_full_names(folder, tmp_path, capsys):
 
     assert exit_info.value.code == 2
     assert "unrecognized arguments: --batch" in capsys.readouterr().err
+
+
+def test_failed_backbone_leaves_no_folder(folder, tmp_path):
+    weights = tmp_path / "unrelated.pth"
+    torch.save({"unrelated.weight": torch.zeros(2)}, weights)
+    cache_dir = tmp_path / "cache"
+    config = _config(folder, cache_dir, backbone="resnet18", weights=str(weights))
+
+    with pytest.raises(ValueError, match="unexpected keys"):
+        extract_features(config, progress=False)
+
+    assert list(cache_dir.iterdir()) == []
