@@ -368,7 +368,7 @@ def run_pixels(args: argparse.Namespace) -> None:
     """Train SPELA 784 → 1000 → 34 and the same-width BP head on raw Fashion-MNIST pixels.
 
     Few-shot rows merge the official train and test sets and split them with
-    `train_test_split(test_size, random_state=100)`; the official row trains on
+    `train_test_split(test_size, random_state=100)`. The official row trains on
     the 60,000 training images and tests on the 10,000 test images.
     """
     from sklearn.model_selection import train_test_split

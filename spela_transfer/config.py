@@ -19,7 +19,7 @@ SAMPLE_DATASET = "fashion-mnist-sample"
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """What to extract and how: one request to the feature cache.
+    """Extraction request to the feature cache: the dataset, the backbone and the settings.
 
     Attributes:
         dataset: An image folder, a CSV of `path,label`, a torchvision dataset name

@@ -6,7 +6,7 @@ class SpelaTransferError(Exception):
 
 
 class CacheMismatchError(SpelaTransferError, ValueError):
-    """Cached features were made differently from what the request asks for."""
+    """Cached features were made with other settings than the request specifies."""
 
 
 class CacheCorruptError(SpelaTransferError, ValueError):

@@ -129,7 +129,7 @@ def write_multipage_tiff(path: Path, pages: int = 3) -> Path:
 
 
 def write_exif_rotated_jpeg(path: Path) -> Path:
-    """A 30 x 10 JPEG whose EXIF orientation tag asks viewers to rotate it to 10 x 30."""
+    """Write a 30 x 10 JPEG whose EXIF orientation tag makes viewers show it as 10 x 30."""
     exif = Image.Exif()
     exif[EXIF_ORIENTATION_TAG] = 6
     pixels = np.zeros((10, 30, 3), dtype=np.uint8)

@@ -91,7 +91,9 @@ def test_cmyk_jpeg_to_rgb(tmp_path):
     converted = convert_mode(open_image(path), channels=3)
     assert converted.mode == "RGB"
     red, green, blue = converted.getpixel((8, 8))
-    assert red > 200 and green < 60 and blue < 60
+    assert red > 200
+    assert green < 60
+    assert blue < 60
 
 
 def test_16bit_png_scaled_to_8bit(tmp_path):

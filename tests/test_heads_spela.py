@@ -63,7 +63,7 @@ def test_hand_worked_two_layer_update():
     # Layer 1 by hand: z = (1.5, 0.5), (0.5, 2.5), (1.5, -0.5); the last one hits the leaky slope.
     hidden, hand_w1, hand_b1 = _hand_gradients(inputs, weight_1, bias_1, vectors_1, labels)
     assert hidden[2] == [1.5, -0.0005]
-    # Layer 2 sees layer 1's output from before layer 1's update.
+    # Layer 2 receives layer 1's output from before layer 1's update.
     _, hand_w2, hand_b2 = _hand_gradients(hidden, weight_2, bias_2, vectors_2, labels)
 
     def stacked(values):

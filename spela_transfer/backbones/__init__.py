@@ -1,7 +1,7 @@
 """Frozen backbones that turn images into features `[N, D]`.
 
 `resolve_backbone` returns a `BackboneSpec` (name, weights identity, preprocessing)
-without loading any weights, so the feature cache can be looked up first;
+without loading any weights, so the feature cache can be looked up first.
 `create_backbone` builds the frozen model.
 """
 

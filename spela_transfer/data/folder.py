@@ -47,7 +47,7 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def is_split_layout(root: Path) -> bool:
-    """Whether `root` contains `train/` and `test/` folders, each with one folder per class."""
+    """Check that `root` has `train/` and `test/` folders, each with one folder per class."""
     names = {path.name for path in _visible_dirs(root)}
     return all(split in names for split in SPLIT_FOLDERS)
 

@@ -339,7 +339,7 @@ def spela_batch_step(
         weights: Per layer [S, W_k, W_{k-1}], leaf tensors that the optimizers update.
         biases: Per layer [S, W_k].
         optimizers: Optimizers that together cover every weight and bias, such as one
-            per layer or one over all layers; each steps once after all gradients are set.
+            per layer or one over all layers. Each steps once after all gradients are set.
         config: Loss, activation, normalisation and update rule.
     """
     layer_inputs = inputs
