@@ -10,13 +10,15 @@ from spela_transfer.heads.config import ACTIVATIONS, LOSSES
 from spela_transfer.heads.fit import _init_spela_parameters
 from spela_transfer.heads.spela import (
     activate,
-    activation_derivative,
     autograd_gradients,
     class_scores,
     closed_form_gradients,
+    gather_targets,
     layer_forward,
     local_loss,
     local_loss_output_gradient,
+    multiply_activation_derivative_,
+    needs_pre_activation,
 )
 
 SLOPE = 0.001
@@ -153,6 +155,43 @@ def test_closed_form_equals_autograd(loss, activation, shared_inputs):
     torch.testing.assert_close(closed[0], automatic[0], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(closed[1], automatic[1], rtol=1e-9, atol=1e-12)
 
+    # The training step's lean path: activation in place, z dropped where it can be, and
+    # the gathered targets reused as scratch space. It must give the same gradients.
+    keep = needs_pre_activation(activation)
+    z, h = layer_forward(inputs, weight, bias, activation, 0.1, keep_pre_activation=keep)
+    assert (z is None) == (not keep)
+    scratch = gather_targets(vectors, torch.tensor([0, 1, 2, 0, 1, 2, 0]), h)
+    torch.testing.assert_close(scratch, targets, rtol=0, atol=0)
+    lean = closed_form_gradients(
+        inputs, z, h, scratch, loss, activation, 0.1, overwrite_targets=True
+    )
+    torch.testing.assert_close(lean[0], automatic[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(lean[1], automatic[1], rtol=1e-9, atol=1e-12)
+
+
+def test_targets_follow_output_layout():
+    # With shared inputs the first layer's output is stored sample-major ([N, S, W]). The
+    # gathered targets must be too, so the gradient needs no copy before the weight product.
+    generator = torch.Generator().manual_seed(5)
+    inputs = torch.randn(6, 4, generator=generator)
+    weight = torch.randn(3, 5, 4, generator=generator)
+    vectors = torch.nn.functional.normalize(torch.randn(3, 2, 5, generator=generator), dim=-1)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0])
+
+    _, shared_output = layer_forward(inputs, weight, torch.zeros(3, 5))
+    _, stacked_output = layer_forward(shared_output, torch.randn(3, 5, 5), torch.zeros(3, 5))
+
+    for output in (shared_output, stacked_output):
+        targets = gather_targets(vectors, labels, output)
+        assert targets.stride() == output.stride()
+        torch.testing.assert_close(targets, vectors[:, labels], rtol=0, atol=0)
+
+
+def test_gelu_derivative_needs_pre_activation():
+    output = torch.ones(1, 2, 3)
+    with pytest.raises(ValueError, match="GELU derivative needs the pre-activation"):
+        multiply_activation_derivative_(output.clone(), None, output, "gelu", SLOPE)
+
 
 def test_closed_form_equals_autograd_in_float32():
     generator = torch.Generator().manual_seed(2)
@@ -228,7 +267,7 @@ def test_activation_rejects_unknown_name():
     with pytest.raises(ValueError, match="activation must be one of 'leaky_relu', .*; got 'swish'"):
         activate(z, "swish", SLOPE)
     with pytest.raises(ValueError, match="activation must be one of .*; got 'swish'"):
-        activation_derivative(z, z, "swish", SLOPE)
+        multiply_activation_derivative_(z.clone(), z, z, "swish", SLOPE)
 
 
 def test_loss_rejects_unknown_name():

@@ -37,8 +37,10 @@ from .spela import (
     autograd_gradients,
     class_scores,
     closed_form_gradients,
+    gather_targets,
     l2_normalize,
     layer_forward,
+    needs_pre_activation,
 )
 
 logger = logging.getLogger(__name__)
@@ -176,16 +178,24 @@ def _spela_layer_gradients(
     inputs: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
-    targets: torch.Tensor,
+    class_vectors: torch.Tensor,
+    labels: torch.Tensor,
     config: SpelaConfig,
 ) -> torch.Tensor:
     """Set the `.grad` of one layer's weight and bias from its local loss; return h [S, B, W]."""
     pre_activation, output = layer_forward(
-        inputs, weight, bias, config.activation, config.negative_slope
+        inputs,
+        weight,
+        bias,
+        config.activation,
+        config.negative_slope,
+        keep_pre_activation=needs_pre_activation(config.activation),
     )
+    targets = gather_targets(class_vectors, labels, output)
 
     if config.update == "closed_form":
-        # The gradients are written into the same buffers on every step, never reallocated.
+        # The gradients are written into the same buffers on every step, never reallocated,
+        # and the gathered targets serve as scratch space: the step allocates little.
         if weight.grad is None:
             weight.grad = torch.empty_like(weight, memory_format=torch.contiguous_format)
             bias.grad = torch.empty_like(bias, memory_format=torch.contiguous_format)
@@ -198,6 +208,7 @@ def _spela_layer_gradients(
             config.activation,
             config.negative_slope,
             out=(weight.grad, bias.grad),
+            overwrite_targets=True,
         )
     else:
         weight_gradient, bias_gradient = autograd_gradients(
@@ -344,8 +355,9 @@ def spela_batch_step(
     """
     layer_inputs = inputs
     for k in range(len(weights)):
-        targets = class_vectors[k][:, labels]
-        output = _spela_layer_gradients(layer_inputs, weights[k], biases[k], targets, config)
+        output = _spela_layer_gradients(
+            layer_inputs, weights[k], biases[k], class_vectors[k], labels, config
+        )
         layer_inputs = l2_normalize(output) if config.normalize_input else output
 
     for optimizer in optimizers:
@@ -385,10 +397,12 @@ def _train_layerwise(
                         biases[j],
                         config.activation,
                         config.negative_slope,
+                        keep_pre_activation=False,
                     )
                     layer_inputs = l2_normalize(output) if config.normalize_input else output
-                targets = class_vectors[k][:, labels[rows]]
-                _spela_layer_gradients(layer_inputs, weights[k], biases[k], targets, config)
+                _spela_layer_gradients(
+                    layer_inputs, weights[k], biases[k], class_vectors[k], labels[rows], config
+                )
                 optimizer.step()
             _end_epoch([weights[k]], [optimizers[k]], config)
 

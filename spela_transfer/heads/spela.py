@@ -9,8 +9,6 @@ always plain tensors.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -39,26 +37,64 @@ def activate(pre_activation: torch.Tensor, activation: str, negative_slope: floa
     )
 
 
-def activation_derivative(
-    pre_activation: torch.Tensor, output: torch.Tensor, activation: str, negative_slope: float
-) -> torch.Tensor:
-    """Return d act(z) / dz elementwise, from the pre-activation `z` and the output `act(z)`."""
+def activate_(pre_activation: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
+    """Apply the named activation in place and return the same tensor."""
     if activation == "leaky_relu":
-        one = pre_activation.new_ones(())
-        return torch.where(pre_activation > 0, one, one * negative_slope)
+        return F.leaky_relu_(pre_activation, negative_slope)
     if activation == "relu":
-        return (pre_activation > 0).to(pre_activation.dtype)
+        return pre_activation.relu_()
     if activation == "tanh":
-        return 1.0 - output * output
+        return pre_activation.tanh_()
     if activation == "sigmoid":
-        return output * (1.0 - output)
-    if activation == "gelu":
-        # Exact GELU: d/dz [z * Phi(z)] = Phi(z) + z * phi(z).
-        cdf = 0.5 * (1.0 + torch.erf(pre_activation / math.sqrt(2.0)))
-        pdf = torch.exp(-0.5 * pre_activation * pre_activation) / math.sqrt(2.0 * math.pi)
-        return cdf + pre_activation * pdf
+        return pre_activation.sigmoid_()
     if activation == "identity":
-        return torch.ones_like(pre_activation)
+        return pre_activation
+    # GELU has no in-place form in torch, and its derivative needs the pre-activation anyway.
+    return activate(pre_activation, activation, negative_slope)
+
+
+def needs_pre_activation(activation: str) -> bool:
+    """Whether act'(z) cannot be read off act(z), so a training step must keep z.
+
+    LeakyReLU with a slope in [0, 1), ReLU, tanh, sigmoid and identity give their
+    derivative from the output alone; GELU does not.
+    """
+    return activation == "gelu"
+
+
+def multiply_activation_derivative_(
+    gradient: torch.Tensor,
+    pre_activation: torch.Tensor | None,
+    output: torch.Tensor,
+    activation: str,
+    negative_slope: float,
+) -> torch.Tensor:
+    """Multiply `gradient` in place by d act(z) / dz and return it.
+
+    This is the step from d loss / d h to d loss / d z. It runs torch's own
+    activation backward kernels, the ones autograd calls, with `gradient` as their
+    output, so no derivative tensor is allocated. `z` may be None for every
+    activation but GELU (see `needs_pre_activation`), because the others read the
+    derivative off the output. For LeakyReLU that needs a slope in [0, 1), which
+    `SpelaConfig` checks.
+    """
+    aten = torch.ops.aten
+    if activation == "leaky_relu":
+        return aten.leaky_relu_backward.grad_input(
+            gradient, output, negative_slope, True, grad_input=gradient
+        )
+    if activation == "relu":
+        return aten.threshold_backward.grad_input(gradient, output, 0, grad_input=gradient)
+    if activation == "tanh":
+        return aten.tanh_backward.grad_input(gradient, output, grad_input=gradient)
+    if activation == "sigmoid":
+        return aten.sigmoid_backward.grad_input(gradient, output, grad_input=gradient)
+    if activation == "gelu":
+        if pre_activation is None:
+            raise ValueError("the GELU derivative needs the pre-activation; pass z, not None")
+        return aten.gelu_backward.grad_input(gradient, pre_activation, grad_input=gradient)
+    if activation == "identity":
+        return gradient
     raise ValueError(
         f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}; got {activation!r}"
     )
@@ -75,7 +111,8 @@ def layer_forward(
     bias: torch.Tensor,
     activation: str = "leaky_relu",
     negative_slope: float = 0.001,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    keep_pre_activation: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Compute one layer of S stacked heads.
 
     Args:
@@ -85,9 +122,13 @@ def layer_forward(
         bias: Biases [S, D_out].
         activation: Activation name.
         negative_slope: Slope of `leaky_relu` below zero.
+        keep_pre_activation: False applies the activation in place and returns None
+            for `z`, which saves one [S, N, D_out] tensor when nothing needs `z` (see
+            `needs_pre_activation`). Not for tensors that autograd differentiates.
 
     Returns:
-        The pre-activation `z` and the activation `h = act(z)`, both [S, N, D_out].
+        The pre-activation `z` (or None) and the activation `h = act(z)`, both
+        [S, N, D_out]. With shared inputs they are views of one [N, S * D_out] matrix.
     """
     num_heads, width, in_width = weight.shape
 
@@ -98,7 +139,9 @@ def layer_forward(
     else:
         pre_activation = torch.baddbmm(bias.unsqueeze(1), inputs, weight.transpose(1, 2))
 
-    return pre_activation, activate(pre_activation, activation, negative_slope)
+    if keep_pre_activation:
+        return pre_activation, activate(pre_activation, activation, negative_slope)
+    return None, activate_(pre_activation, activation, negative_slope)
 
 
 def cosine_to_targets(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -130,13 +173,20 @@ def local_loss(output: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.
 
 
 def local_loss_output_gradient(
-    output: torch.Tensor, targets: torch.Tensor, loss: str
+    output: torch.Tensor, targets: torch.Tensor, loss: str, overwrite_targets: bool = False
 ) -> torch.Tensor:
     """Return d local_loss / d h in closed form, [S, N, W].
 
     Every loss is a function f of c = cos(h, v), and d c / d h = (v - c u) / |h| with
     u = h / |h|, so the gradient is f'(c) (v - c u) / (|h| N). For `euclidean`,
     f = |u - v| = sqrt(2 - 2c) gives f'(c) = -1 / |u - v|.
+
+    Args:
+        output: Layer activations h [S, N, W].
+        targets: The class vector of each sample's label, unit norm, [S, N, W].
+        loss: Local loss name.
+        overwrite_targets: Write the gradient into `targets` and return it, instead
+            of allocating a new tensor.
     """
     batch_size = output.shape[-2]
     norms = output.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
@@ -151,41 +201,64 @@ def local_loss_output_gradient(
     else:
         raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}; got {loss!r}")
 
-    # Two passes over [S, N, W]: h * (-c f' / (|h|^2 N)), then + v * f' / (|h| N).
+    # One pass over [S, N, W] computes v * f' / (|h| N) + h * (-c f' / (|h|^2 N)). Both
+    # factors are per row, [S, N, 1].
     scale = slope / (norms * batch_size)
-    gradient = output * (-cosines * scale / norms)
-    return gradient.addcmul_(targets, scale)
+    gradient = targets if overwrite_targets else targets.clone()
+    return gradient.mul_(scale).addcmul_(output, -cosines * scale / norms)
+
+
+def gather_targets(
+    class_vectors: torch.Tensor, labels: torch.Tensor, like: torch.Tensor
+) -> torch.Tensor:
+    """Return each sample's class vector, `class_vectors[:, labels]` [S, N, W].
+
+    The result has the memory layout of `like` (an output of `layer_forward`), so a
+    gradient computed in its place feeds the weight-gradient product without a copy.
+    """
+    if like.dim() == 3 and like.stride(0) < like.stride(1):
+        # `like` is stored sample-major, [N, S, W], as the shared-input product leaves it.
+        return class_vectors.transpose(0, 1)[labels].transpose(0, 1)
+    return class_vectors[:, labels]
 
 
 def closed_form_gradients(
     inputs: torch.Tensor,
-    pre_activation: torch.Tensor,
+    pre_activation: torch.Tensor | None,
     output: torch.Tensor,
     targets: torch.Tensor,
     loss: str,
     activation: str = "leaky_relu",
     negative_slope: float = 0.001,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    overwrite_targets: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compute the gradient of each head's local loss with respect to its weight and bias.
 
     Args:
         inputs: The layer inputs given to `layer_forward`, [N, D_in] or [S, N, D_in].
-        pre_activation: `z` from `layer_forward`, [S, N, D_out].
+        pre_activation: `z` from `layer_forward`, [S, N, D_out], or None unless the
+            activation is GELU.
         output: `h` from `layer_forward`, [S, N, D_out].
-        targets: Class vector of each sample's label [S, N, D_out].
+        targets: Class vector of each sample's label [S, N, D_out] (`gather_targets`).
         loss: Local loss name.
         activation: Activation name.
         negative_slope: Slope of `leaky_relu` below zero.
         out: Contiguous tensors [S, D_out, D_in] and [S, D_out] to write the gradients
             into, which saves allocating a weight-sized tensor on every step.
+        overwrite_targets: Use `targets` as scratch space for the gradient with
+            respect to `z`, which saves one [S, N, D_out] tensor; `targets` is then
+            garbage.
 
     Returns:
         Weight gradient [S, D_out, D_in] and bias gradient [S, D_out] (`out` if given).
     """
-    output_gradient = local_loss_output_gradient(output, targets, loss)
-    pre_activation_gradient = output_gradient.mul_(
-        activation_derivative(pre_activation, output, activation, negative_slope)
+    pre_activation_gradient = multiply_activation_derivative_(
+        local_loss_output_gradient(output, targets, loss, overwrite_targets),
+        pre_activation,
+        output,
+        activation,
+        negative_slope,
     )
     num_heads, batch_size, width = pre_activation_gradient.shape
     if out is None:
@@ -197,6 +270,7 @@ def closed_form_gradients(
 
     if inputs.dim() == 2:
         # Shared inputs: all heads' weight gradients come from one [S * D_out, N] @ [N, D_in].
+        # The reshape is a view when the gradient is stored sample-major ([N, S, D_out]).
         flat = pre_activation_gradient.transpose(0, 1).reshape(batch_size, num_heads * width)
         torch.mm(flat.T, inputs, out=weight_gradient.view(num_heads * width, -1))
     else:
