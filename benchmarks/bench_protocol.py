@@ -9,6 +9,7 @@ wall time, the time per run and a row for BENCHMARKS.md.
     python benchmarks/bench_protocol.py                  # the reference protocol
     taskset -c 0,1 python benchmarks/bench_protocol.py   # pinned to 2 cores
     python benchmarks/bench_protocol.py --epochs 5       # a tenth of the work, scaled up
+    python benchmarks/bench_protocol.py --parallel-fits 2 --threads 1   # 2 fits at once
     python benchmarks/bench_protocol.py --features features/<key>   # real cached features
 """
 
@@ -63,6 +64,9 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, help="torch CPU threads of the heads (default: torch's choice)"
     )
+    parser.add_argument(
+        "--parallel-fits", type=int, default=1, help="fits at once, each in its own process"
+    )
     parser.add_argument("--heads", default="spela,backprop")
     parser.add_argument(
         "--test-sizes",
@@ -87,6 +91,7 @@ def main() -> None:
         lr=1e-3,
         device=args.device,
         threads=args.threads,
+        parallel_fits=args.parallel_fits,
     )
 
     with tempfile.TemporaryDirectory() as out_dir:
@@ -100,7 +105,8 @@ def main() -> None:
     top1 = outputs[outputs["point"] == "0.1"].groupby("head")["top1"].mean()
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
-        f"torch threads {args.threads or torch.get_num_threads()}, device {args.device}"
+        f"torch threads {args.threads or torch.get_num_threads()}, "
+        f"{args.parallel_fits} fit process(es), device {args.device}"
     )
     print(f"features: {len(features)} × {features.num_features}, {features.num_classes} classes")
     print(

@@ -153,6 +153,7 @@ def run_error(capsys, *argv: str) -> str:
         ),
         (["--seeds", "0,one"], r"--seeds must be whole numbers such as 0, 1, 2; got 'one'"),
         (["--epochs", "0"], r"epochs must be a positive integer, got 0"),
+        (["--parallel-fits", "0"], r"parallel_fits must be a positive integer, got 0"),
         (["--config", "missing.yaml"], r"config file 'missing.yaml' not found"),
     ],
 )
@@ -317,6 +318,8 @@ def test_fit_flags_set_every_field():
             "16",
             "--logreg-max-iter",
             "50",
+            "--parallel-fits",
+            "2",
         ]
     )
     config = load_experiment_config(None, overrides_from_args(args))
@@ -331,6 +334,7 @@ def test_fit_flags_set_every_field():
     assert config.extract.batch_size == 7
     assert config.batch_size == 16
     assert config.logreg_max_iter == 50
+    assert config.parallel_fits == 2
 
 
 def test_fit_download_flag_reaches_dataset(capsys, tmp_path):

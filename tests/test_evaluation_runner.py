@@ -129,6 +129,28 @@ def test_resume_same_runs_apart_from_timing(tiny_runs, offline_features, tmp_pat
     pd.testing.assert_frame_equal(resumed[columns], complete[columns])
 
 
+def test_parallel_fits_same_runs(tiny_runs, offline_features, tmp_path):
+    # Two fit processes must train and score exactly what one process does. Only the
+    # order in which fits finish, and so the row order, may differ.
+    _, serial = tiny_runs
+    config = dataclasses.replace(TINY, parallel_fits=2)
+
+    parallel = run_experiment(offline_features, config, tmp_path)
+
+    columns = [c for c in RUNS_COLUMNS if c not in TIMING_COLUMNS]
+    keys = ["head", "protocol", "point", "seed", "exit_layer"]
+    pd.testing.assert_frame_equal(
+        parallel[columns].sort_values(keys).reset_index(drop=True),
+        serial[columns].sort_values(keys).reset_index(drop=True),
+    )
+    assert (parallel["peak_rss_mb"] > 0).all()
+
+
+def test_parallel_fits_must_be_positive():
+    with pytest.raises(ValueError, match="parallel_fits must be a positive integer, got 0"):
+        dataclasses.replace(TINY, parallel_fits=0)
+
+
 def test_resume_drops_details_of_unfinished_runs(tiny_runs, offline_features, tmp_path):
     source_dir, _ = tiny_runs
     for name in ("runs.csv", "run.json", "details.jsonl"):

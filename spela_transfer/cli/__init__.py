@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from spela_transfer import __version__
+from spela_transfer import LOG_FORMAT, __version__
 from spela_transfer.cli import extract, fit, report
 from spela_transfer.errors import SpelaTransferError
 
@@ -57,7 +57,7 @@ def configure_logging(debug: bool, quiet: bool) -> None:
     elif quiet:
         level = logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False

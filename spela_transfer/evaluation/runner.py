@@ -12,10 +12,12 @@ import contextlib
 import csv
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import resource
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -36,6 +38,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from spela_transfer import LOG_FORMAT
 from spela_transfer.config import (
     ExperimentConfig,
     experiment_config_to_dict,
@@ -321,22 +324,97 @@ def _run_points(
     out_dir: Path,
     context: dict,
 ) -> None:
-    num_classes = context["num_classes"]
-    num_fits = len(splits) * len(config.heads)
-    fit_index = 0
+    tasks = []
     for split in splits:
         point = point_label(split)
         for head in config.heads:
-            fit_index += 1
             seeds = _seeds_for(head, config.seeds)
             todo = [seed for seed in seeds if (head, split.protocol, point, seed) not in done]
-            if not todo:
-                continue
-            logger.debug("fit %d of %d: %s %s %s", fit_index, num_fits, head, split.protocol, point)
-            fit = _fit_head(head, all_features, labels, split, num_classes, config, todo, device)
-            if fit is None:
-                continue
-            _append_runs(out_dir, head, split, fit, labels, context)
+            if todo:
+                tasks.append(FitTask(head, split, tuple(todo)))
+
+    fit_settings = {"num_classes": context["num_classes"], "config": config, "device": device}
+    if config.parallel_fits > 1 and len(tasks) > 1:
+        finished = _fit_in_processes(tasks, all_features, labels, fit_settings)
+    else:
+        finished = ((task, _fit_head(task, all_features, labels, **fit_settings)) for task in tasks)
+
+    # Each fit's rows are written as soon as it finishes, so an interruption loses only the
+    # fits still running.
+    for index, (task, fit) in enumerate(finished, start=1):
+        if fit is None:
+            continue
+        logger.info(
+            "%s %s %s, seeds %s: %d train / %d test, %.1f s (fit %d of %d)",
+            task.head,
+            task.split.protocol,
+            point_label(task.split),
+            ",".join(map(str, task.seeds)),
+            len(task.split.train_indices),
+            len(task.split.test_indices),
+            fit.fit_seconds,
+            index,
+            len(tasks),
+        )
+        _append_runs(out_dir, task.head, task.split, fit, labels, context)
+
+
+@dataclass(frozen=True)
+class FitTask:
+    """One head trained on one split, all its seeds together."""
+
+    head: str
+    split: Split
+    seeds: tuple[int, ...]
+
+
+# Features and labels of a fit process, set once by `_start_fit_process`.
+_PROCESS_DATA: dict = {}
+
+
+def _fit_in_processes(
+    tasks: list[FitTask], all_features: np.ndarray, labels: np.ndarray, fit_settings: dict
+) -> Iterator[tuple[FitTask, HeadFit | None]]:
+    """Run the fits in `parallel_fits` processes and yield each one as it finishes.
+
+    The processes are started fresh (`spawn`), because PyTorch's issue tracker
+    reports hangs in forked children of a process that has run OpenMP or MKL
+    threads. They read the features from shared memory instead of a copy each.
+    Leaving the loop early, by an error or an interrupt, terminates them.
+    """
+    config = fit_settings["config"]
+    processes = min(config.parallel_fits, len(tasks))
+    threads = config.threads or max(1, (os.cpu_count() or 1) // processes)
+    shared_features = torch.from_numpy(all_features).share_memory_()
+    level = logging.getLogger("spela_transfer").getEffectiveLevel()
+    with multiprocessing.get_context("spawn").Pool(
+        processes,
+        initializer=_start_fit_process,
+        initargs=(shared_features, labels, threads, level),
+    ) as pool:
+        yield from pool.imap_unordered(partial(_fit_in_process, **fit_settings), tasks)
+
+
+def _start_fit_process(
+    features: torch.Tensor, labels: np.ndarray, threads: int, log_level: int
+) -> None:
+    # Ctrl-C reaches every process of the terminal. Only the parent handles it, by
+    # terminating the pool, so the fit processes print no tracebacks of their own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    _PROCESS_DATA.update(
+        features=features.numpy(), labels=labels, blas_limit=threadpool_limits(threads)
+    )
+    package_logger = logging.getLogger("spela_transfer")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    package_logger.handlers[:] = [handler]
+    package_logger.setLevel(log_level)
+    package_logger.propagate = False
+
+
+def _fit_in_process(task: FitTask, **fit_settings) -> tuple[FitTask, HeadFit | None]:
+    return task, _fit_head(task, _PROCESS_DATA["features"], _PROCESS_DATA["labels"], **fit_settings)
 
 
 def check_features(features: FeatureSet, block_rows: int = 65536) -> None:
@@ -433,15 +511,14 @@ def _seeds_for(head: str, seeds: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _fit_head(
-    head: str,
+    task: FitTask,
     all_features: np.ndarray,
     labels: np.ndarray,
-    split: Split,
     num_classes: int,
     config: ExperimentConfig,
-    seeds: list[int],
     device: str,
 ) -> HeadFit | None:
+    head, split, seeds = task.head, task.split, task.seeds
     train_features = all_features[split.train_indices]
     train_labels = labels[split.train_indices]
     test_features = all_features[split.test_indices]
@@ -476,17 +553,6 @@ def _fit_head(
     if head == "logreg":
         fit_seconds = time.perf_counter() - start
     peak_rss, peak_cuda = _peak_memory_mb(device)
-
-    logger.info(
-        "%s %s %s, seeds %s: %d train / %d test, %.1f s",
-        head,
-        split.protocol,
-        point_label(split),
-        ",".join(map(str, seeds)),
-        len(split.train_indices),
-        len(split.test_indices),
-        fit_seconds,
-    )
     return HeadFit(tuple(seeds), exit_layers, scores, fit_seconds, peak_rss, peak_cuda)
 
 
