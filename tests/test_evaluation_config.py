@@ -50,6 +50,23 @@ def test_paper_transfer_yaml_is_reference_protocol():
     assert config.threads is None
 
 
+def test_named_backbone_keeps_input_size():
+    # The demo's 64 pixels apply only while no backbone is named.
+    paper = load_experiment_config(CONFIGS / "paper-transfer.yaml")
+    overridden = load_experiment_config(
+        CONFIGS / "paper-transfer.yaml", {"extract": {"backbone": "efficientnet_lite0.offline"}}
+    )
+    by_flag = load_experiment_config(None, {"extract": {"backbone": "resnet18"}})
+    sized = load_experiment_config(None, {"extract": {"backbone": "resnet18", "image_size": 96}})
+
+    assert paper.extract.image_size is None
+    assert overridden.extract.image_size is None
+    assert by_flag.extract.image_size is None
+    assert sized.extract.image_size == 96
+    assert load_experiment_config(None).extract.image_size == 64
+    assert load_experiment_config(CONFIGS / "demo.yaml").extract.image_size == 64
+
+
 def test_few_shot_yaml():
     config = load_experiment_config(CONFIGS / "few-shot.yaml")
 

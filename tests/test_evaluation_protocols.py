@@ -95,7 +95,7 @@ def test_missing_train_classes_reported(caplog):
 
     assert len(split.train_indices) == 1
     assert len(split.missing_train_classes) == 9
-    assert "9 classes have no training sample" in caplog.text
+    assert "classes with no training sample (9)" in caplog.text
 
 
 @pytest.mark.parametrize("k", [1, 5, 20])

@@ -176,7 +176,7 @@ def test_class_without_training_sample_recorded(tmp_path):
     )
 
     assert code == 0, stderr
-    assert re.search(r"test-size 0\.9: \d+ classes have no training sample", stderr)
+    assert re.search(r"test-size 0\.9: classes with no training sample \(\d+\)", stderr)
     runs = pd.read_csv(out / "runs.csv", dtype=str, keep_default_na=False)
     assert (runs["missing_train_classes"] != "").all()
     assert "had no training sample" in stdout

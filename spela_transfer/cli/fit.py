@@ -118,7 +118,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         metavar="N",
         help="fits to run at once, each in its own process with --threads threads "
-        "(default: 1; on a 2-core CPU, 2 with --threads 1 is fastest)",
+        "(default: 1; for long fits on an idle 2-core CPU, 2 with --threads 1 was fastest)",
     )
 
     output = parser.add_argument_group("output")

@@ -194,7 +194,7 @@ def _make_split(
     missing = tuple(int(c) for c in np.setdiff1d(np.unique(labels), np.unique(labels[train])))
     if missing:
         logger.warning(
-            "%s %s: %d classes have no training sample: %s",
+            "%s %s: classes with no training sample (%d): %s",
             protocol,
             value,
             len(missing),

@@ -14,6 +14,7 @@ matplotlib.use("Agg")  # Files only: no display is needed or wanted.
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from spela_transfer.config import HEAD_NAMES, PROTOCOL_NAMES  # noqa: E402
 from spela_transfer.evaluation.results import (  # noqa: E402
     RUN_JSON,
     RUNS_FILE,
@@ -64,6 +65,15 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         top5_note=("top5_note", "first"),
         missing_train_classes=("missing_train_classes", "first"),
     ).reset_index()
+    # Fits finish in any order when they run in parallel or resume, so the rows are sorted
+    # into one order: protocol, point, head, exit layer.
+    order = summary.assign(
+        protocol_rank=summary["protocol"].map({n: i for i, n in enumerate(PROTOCOL_NAMES)}),
+        head_rank=summary["head"].map({n: i for i, n in enumerate(HEAD_NAMES)}),
+    ).sort_values(
+        ["protocol_rank", "test_size", "k_shot", "head_rank", "exit_index"], kind="stable"
+    )
+    summary = summary.loc[order.index].reset_index(drop=True)
     summary["k_shot"] = summary["k_shot"].where(summary["k_shot"] >= 0)
     return summary
 
