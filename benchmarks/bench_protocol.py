@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from bench_heads import describe_machine
 
 from spela_transfer.cache import FeatureSet, load_features
 from spela_transfer.config import REFERENCE_TEST_SIZES, ExperimentConfig, ProtocolConfig
@@ -103,10 +101,10 @@ def main() -> None:
     num_runs = len(outputs)
     fit_by_head = outputs.groupby("head")["fit_seconds"].sum()
     top1 = outputs[outputs["point"] == "0.1"].groupby("head")["top1"].mean()
+    print(f"machine: {describe_machine()}")
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
-        f"torch threads {args.threads or torch.get_num_threads()}, "
-        f"{args.parallel_fits} fit process(es), device {args.device}"
+        f"fits: {args.parallel_fits} process(es) × {args.threads or 'default'} thread(s), "
+        f"device {args.device}"
     )
     print(f"features: {len(features)} × {features.num_features}, {features.num_classes} classes")
     print(
