@@ -224,3 +224,54 @@ def test_damaged_runs_csv_rejected(content, message, reference_sweep, features_d
         assert re.search(message, line), line
         assert "run fit with --force to write it again" in line
         assert (out / RUNS_FILE).read_bytes() == content
+
+
+def process_group_ends(group: int, seconds: float) -> bool:
+    """Wait until no process of `group` is left; helpers that exit on their own get time."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_ctrl_c_stops_parallel_fits(features_dir, tmp_path):
+    # Ctrl-C reaches the whole process group: the parent must stop the fit processes, keep
+    # the finished fits and print one line, and --resume must finish the sweep.
+    out = tmp_path / "results"
+    flags = [*fit_args(features_dir, out)[1:], "--parallel-fits", "2", "--epochs", "300"]
+    command = [sys.executable, "-m", "spela_transfer", *flags]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    child = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True
+    )
+    deadline = time.monotonic() + CHILD_TIMEOUT_S
+    try:
+        while not (out / RUNS_FILE).exists() or len((out / RUNS_FILE).read_text().splitlines()) < 2:
+            assert child.poll() is None, child.communicate()[1].decode()
+            assert time.monotonic() < deadline, "no fit finished in time"
+            time.sleep(0.05)
+        os.killpg(child.pid, signal.SIGINT)
+        _, stderr = child.communicate(timeout=CHILD_TIMEOUT_S)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait(CHILD_TIMEOUT_S)
+
+    assert child.returncode == 130
+    assert "Traceback" not in stderr.decode()
+    assert "interrupted; finished runs are kept in runs.csv" in stderr.decode()
+    assert process_group_ends(child.pid, seconds=10), "a fit process outlived the command"
+    kept = len(comparable_runs(out))
+
+    resumed = subprocess.run(
+        [*command, "--resume"], capture_output=True, env=env, timeout=CHILD_TIMEOUT_S
+    )
+
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    # Per point: SPELA 2 seeds × 2 exits, backprop 2 seeds, logreg 1 seed; 4 points.
+    assert kept < 4 * 7
+    assert len(comparable_runs(out)) == 4 * 7
