@@ -151,9 +151,9 @@ def split_k_shot(
         else:
             chosen.append(generator.choice(pool, size=k, replace=False))
     if short:
+        need = "no training sample" if k == 1 else f"fewer than {k} training samples"
         warnings.warn(
-            f"{k}-shot: classes with fewer than {k} training samples keep all they have: "
-            + ", ".join(short),
+            f"{k}-shot: classes with {need} keep all they have: " + ", ".join(short),
             FewSamplesWarning,
             stacklevel=2,
         )

@@ -158,7 +158,10 @@ def markdown_tables(
         labels = str(rows["missing_train_classes"].iloc[0]).split()
         if class_names is not None:
             labels = [class_names[int(label)] for label in labels]
-        notes.append(f"At {where}, classes {', '.join(labels)} had no training sample.")
+        if len(labels) == 1:
+            notes.append(f"At {where}, class {labels[0]} had no training sample.")
+        else:
+            notes.append(f"At {where}, classes {', '.join(labels)} had no training samples.")
     top5_notes = sorted(set(outputs["top5_note"]) - {""})
     if top5_notes:
         notes.append("Top-5 is empty (—) because " + "; ".join(top5_notes) + ".")

@@ -385,6 +385,8 @@ def _fit_in_processes(
     config = fit_settings["config"]
     processes = min(config.parallel_fits, len(tasks))
     threads = config.threads or max(1, (os.cpu_count() or 1) // processes)
+    # NOTE: this copies the features into shared memory (/dev/shm on Linux). A container
+    # whose /dev/shm is smaller than the features needs parallel_fits 1 or a larger one.
     shared_features = torch.from_numpy(all_features).share_memory_()
     level = logging.getLogger("spela_transfer").getEffectiveLevel()
     with multiprocessing.get_context("spawn").Pool(
