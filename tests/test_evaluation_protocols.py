@@ -98,6 +98,28 @@ def test_missing_train_classes_reported(caplog):
     assert "classes with no training sample (9)" in caplog.text
 
 
+def test_missing_classes_logged_by_name(caplog):
+    labels = np.repeat(np.arange(3), 2)
+    names = ["cat", "dog", "fox"]
+    with caplog.at_level(logging.WARNING):
+        split = split_by_test_size(labels, 0.8, split_seed=0, class_names=names)
+
+    missing = [names[c] for c in split.missing_train_classes]
+    assert missing
+    assert f"classes with no training sample ({len(missing)}): {', '.join(missing)}" in caplog.text
+
+
+def test_k_shot_base_split_not_logged(caplog):
+    # The base split's missing classes show up in the k-shot split's own log line, so
+    # logging them for the base split too would repeat them once per k.
+    labels = np.repeat(np.arange(10), 10)
+    with caplog.at_level(logging.WARNING), pytest.warns(FewSamplesWarning):
+        split_k_shot(labels, 1, 0.99, split_seed=100)
+
+    assert caplog.text.count("classes with no training sample") == 1
+    assert "k-shot 1: classes with no training sample (9)" in caplog.text
+
+
 @pytest.mark.parametrize("k", [1, 5, 20])
 def test_k_shot_draws_from_train_only(sample_labels, k):
     base = split_by_test_size(sample_labels, 0.5, split_seed=100)

@@ -60,7 +60,12 @@ def hash_split(train_indices: np.ndarray, test_indices: np.ndarray) -> str:
 
 
 def split_by_test_size(
-    labels: np.ndarray, test_size: float, split_seed: int, stratify: bool = False
+    labels: np.ndarray,
+    test_size: float,
+    split_seed: int,
+    stratify: bool = False,
+    class_names: Sequence[str] | None = None,
+    log_missing: bool = True,
 ) -> Split:
     """Split every sample into train and test at one test size.
 
@@ -69,6 +74,8 @@ def split_by_test_size(
         test_size: Fraction of the samples held out for testing, in (0, 1).
         split_seed: `random_state` of scikit-learn's `train_test_split`.
         stratify: Keep the class proportions in both parts.
+        class_names: Name of each label, used in the log; None logs the labels.
+        log_missing: Log the classes left without a training sample.
 
     Returns:
         The split. A class that ends up with no training sample is listed in
@@ -100,7 +107,9 @@ def split_by_test_size(
         random_state=split_seed,
         stratify=labels if stratify else None,
     )
-    return _make_split("test-size", test_size, test_size, labels, train, test)
+    return _make_split(
+        "test-size", test_size, test_size, labels, train, test, class_names, log_missing
+    )
 
 
 def split_k_shot(
@@ -135,7 +144,8 @@ def split_k_shot(
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k-shot must be a positive integer, got {k!r}")
     labels = np.asarray(labels)
-    base = split_by_test_size(labels, test_size, split_seed, stratify=stratify)
+    # The classes this base split leaves out show up in the k-shot warning and split below.
+    base = split_by_test_size(labels, test_size, split_seed, stratify=stratify, log_missing=False)
 
     # NOTE: the draw does not change with the head seed, so the std over seeds
     # leaves out the variance between different draws of k samples.
@@ -159,7 +169,9 @@ def split_k_shot(
         )
 
     train = np.concatenate(chosen) if chosen else np.empty(0, dtype=np.int64)
-    return _make_split("k-shot", int(k), test_size, labels, train, base.test_indices)
+    return _make_split(
+        "k-shot", int(k), test_size, labels, train, base.test_indices, class_names, True
+    )
 
 
 def _check_stratifiable(labels: np.ndarray, test_size: float) -> None:
@@ -188,16 +200,19 @@ def _make_split(
     labels: np.ndarray,
     train: np.ndarray,
     test: np.ndarray,
+    class_names: Sequence[str] | None,
+    log_missing: bool,
 ) -> Split:
     train = np.sort(np.asarray(train, dtype=np.int64))
     test = np.sort(np.asarray(test, dtype=np.int64))
     missing = tuple(int(c) for c in np.setdiff1d(np.unique(labels), np.unique(labels[train])))
-    if missing:
+    if missing and log_missing:
+        names = [class_names[c] if class_names is not None else str(c) for c in missing]
         logger.warning(
             "%s %s: classes with no training sample (%d): %s",
             protocol,
             value,
             len(missing),
-            ", ".join(map(str, missing)),
+            ", ".join(names),
         )
     return Split(protocol, value, test_size, train, test, hash_split(train, test), missing)

@@ -171,7 +171,12 @@ def _point_makers(
                 "test-size",
                 f"{test_size:g}",
                 partial(
-                    split_by_test_size, labels, test_size, protocol.split_seed, protocol.stratify
+                    split_by_test_size,
+                    labels,
+                    test_size,
+                    protocol.split_seed,
+                    protocol.stratify,
+                    class_names,
                 ),
             )
     if "k-shot" in protocol.names:
