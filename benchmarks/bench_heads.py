@@ -390,28 +390,23 @@ def run_pixels(args: argparse.Namespace) -> None:
     labels = torch.from_numpy(feature_set.labels).long()
     is_train = np.array([":train:" in sample_id for sample_id in feature_set.sample_ids])
     seeds = list(range(args.seeds))
-    widths = (1000, 34)
+    # Both heads share the widths and the training schedule.
+    training = {
+        "hidden_widths": (1000, 34),
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "lr_step_epochs": args.lr_step_epochs,
+        "lr_gamma": args.lr_gamma,
+    }
     spela_config = SpelaConfig(
-        hidden_widths=widths,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        lr_step_epochs=args.lr_step_epochs,
-        lr_gamma=args.lr_gamma,
+        **training,
         normalize_input=args.normalize,
         loss=args.loss,
         class_vectors=args.class_vectors,
     )
-    backprop_config = BackpropConfig(
-        hidden_widths=widths,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        lr_step_epochs=args.lr_step_epochs,
-        lr_gamma=args.lr_gamma,
-    )
+    backprop_config = BackpropConfig(**training)
     print(f"Features: {feature_set.key}, {tuple(features.shape)}; seeds {seeds}")
     print(f"SPELA: {spela_config}")
     print(f"BP: {backprop_config}")
@@ -441,7 +436,7 @@ def run_pixels(args: argparse.Namespace) -> None:
     for name, train, test in splits:
         inputs = features
         if args.standardize:
-            # One mean and one std over all training pixels, as torchvision's Normalize uses.
+            # One mean and one std over all training pixels, since the images have one channel.
             inputs = (features - features[train].mean()) / features[train].std()
         results = []
         for fit, config in ((fit_spela, spela_config), (fit_backprop, backprop_config)):

@@ -227,7 +227,11 @@ def test_damaged_runs_csv_rejected(content, message, reference_sweep, features_d
 
 
 def process_group_ends(group: int, seconds: float) -> bool:
-    """Wait until no process of `group` is left; helpers that exit on their own get time."""
+    """Wait until no process of `group` is left, giving helpers that exit on their own time.
+
+    Returns:
+        True once the group is empty, False if processes remain after `seconds`.
+    """
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
@@ -265,13 +269,13 @@ def test_ctrl_c_stops_parallel_fits(features_dir, tmp_path):
     assert "Traceback" not in stderr.decode()
     assert "interrupted; finished runs are kept in runs.csv" in stderr.decode()
     assert process_group_ends(child.pid, seconds=10), "a fit process outlived the command"
-    kept = len(comparable_runs(out))
+    kept_rows = len(comparable_runs(out))
 
     resumed = subprocess.run(
         [*command, "--resume"], capture_output=True, env=env, timeout=CHILD_TIMEOUT_S
     )
 
     assert resumed.returncode == 0, resumed.stderr.decode()
-    # Per point: SPELA 2 seeds × 2 exits, backprop 2 seeds, logreg 1 seed; 4 points.
-    assert kept < 4 * 7
+    # Each of the 4 points has 7 rows: SPELA 2 seeds × 2 exits, backprop 2 seeds, logreg 1.
+    assert kept_rows < 4 * 7
     assert len(comparable_runs(out)) == 4 * 7

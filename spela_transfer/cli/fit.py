@@ -216,63 +216,56 @@ def command_line(args: argparse.Namespace) -> list[str]:
     return command
 
 
+def _given(*pairs: tuple[str, object]) -> dict:
+    """Return the (key, value) pairs whose value was given, that is, is not None."""
+    return {key: value for key, value in pairs if value is not None}
+
+
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """Collect the flags that were given as config overrides keyed like the YAML file."""
-    extract = {
-        key: value
-        for key, value in (
-            ("dataset", args.dataset),
-            ("root", args.root),
-            ("backbone", args.backbone),
-            ("weights", args.weights),
-            ("download_weights", args.download_weights),
-            ("split", args.split),
-            ("download", args.download),
-            ("subset_seed", args.subset_seed),
-            ("on_bad_image", args.on_bad_image),
-            ("pretrained", args.pretrained),
-            ("limit", args.limit),
-            ("image_size", args.image_size),
-            ("cache_dir", args.cache_dir),
-            ("batch_size", args.extract_batch_size),
-            ("num_workers", args.num_workers),
-            ("dtype", args.dtype),
-            ("device", args.device),
-        )
-        if value is not None
-    }
-    protocol = {
-        key: value
-        for key, value in (
-            ("names", _split_list(args.protocols, str, "--protocols")),
-            ("test_sizes", _split_list(args.test_sizes, float, "--test-sizes")),
-            ("k_shots", _split_list(args.k_shots, int, "--k-shots")),
-            ("k_shot_test_size", args.k_shot_test_size),
-            ("split_seed", args.split_seed),
-            ("stratify", args.stratify),
-        )
-        if value is not None
-    }
-    overrides = {
-        key: value
-        for key, value in (
-            ("features", args.features),
-            ("heads", _split_list(args.heads, str, "--heads")),
-            ("seeds", parse_seeds(args.seeds, "--seeds") if args.seeds is not None else None),
-            ("epochs", args.epochs),
-            ("batch_size", args.batch_size),
-            ("lr", args.lr),
-            ("logreg_max_iter", args.logreg_max_iter),
-            ("spela", _parse_settings(args.spela, "--spela")),
-            ("backprop", _parse_settings(args.backprop, "--backprop")),
-            ("hidden_widths", _split_list(args.hidden_widths, int, "--hidden-widths")),
-            ("device", args.device),
-            ("threads", args.threads),
-            ("parallel_fits", args.parallel_fits),
-            ("out", args.out),
-        )
-        if value is not None
-    }
+    extract = _given(
+        ("dataset", args.dataset),
+        ("root", args.root),
+        ("backbone", args.backbone),
+        ("weights", args.weights),
+        ("download_weights", args.download_weights),
+        ("split", args.split),
+        ("download", args.download),
+        ("subset_seed", args.subset_seed),
+        ("on_bad_image", args.on_bad_image),
+        ("pretrained", args.pretrained),
+        ("limit", args.limit),
+        ("image_size", args.image_size),
+        ("cache_dir", args.cache_dir),
+        ("batch_size", args.extract_batch_size),
+        ("num_workers", args.num_workers),
+        ("dtype", args.dtype),
+        ("device", args.device),
+    )
+    protocol = _given(
+        ("names", _split_list(args.protocols, str, "--protocols")),
+        ("test_sizes", _split_list(args.test_sizes, float, "--test-sizes")),
+        ("k_shots", _split_list(args.k_shots, int, "--k-shots")),
+        ("k_shot_test_size", args.k_shot_test_size),
+        ("split_seed", args.split_seed),
+        ("stratify", args.stratify),
+    )
+    overrides = _given(
+        ("features", args.features),
+        ("heads", _split_list(args.heads, str, "--heads")),
+        ("seeds", parse_seeds(args.seeds, "--seeds") if args.seeds is not None else None),
+        ("epochs", args.epochs),
+        ("batch_size", args.batch_size),
+        ("lr", args.lr),
+        ("logreg_max_iter", args.logreg_max_iter),
+        ("spela", _parse_settings(args.spela, "--spela")),
+        ("backprop", _parse_settings(args.backprop, "--backprop")),
+        ("hidden_widths", _split_list(args.hidden_widths, int, "--hidden-widths")),
+        ("device", args.device),
+        ("threads", args.threads),
+        ("parallel_fits", args.parallel_fits),
+        ("out", args.out),
+    )
     if extract:
         overrides["extract"] = extract
     if protocol:

@@ -319,6 +319,15 @@ def run_experiment(
     return read_runs(out_dir)
 
 
+@dataclass(frozen=True)
+class FitTask:
+    """One head trained on one split, all its seeds together."""
+
+    head: str
+    split: Split
+    seeds: tuple[int, ...]
+
+
 def _run_points(
     all_features: np.ndarray,
     labels: np.ndarray,
@@ -364,16 +373,7 @@ def _run_points(
         _append_runs(out_dir, task.head, task.split, fit, labels, context)
 
 
-@dataclass(frozen=True)
-class FitTask:
-    """One head trained on one split, all its seeds together."""
-
-    head: str
-    split: Split
-    seeds: tuple[int, ...]
-
-
-# Features and labels of a fit process, set once by `_start_fit_process`.
+# Features, labels and BLAS thread limit of a fit process, set by `_start_fit_process`.
 _PROCESS_DATA: dict = {}
 
 

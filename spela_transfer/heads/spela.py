@@ -54,10 +54,10 @@ def activate_(pre_activation: torch.Tensor, activation: str, negative_slope: flo
 
 
 def needs_pre_activation(activation: str) -> bool:
-    """Whether act'(z) cannot be read off act(z), so a training step must keep z.
+    """Return whether act'(z) cannot be read off act(z), so a training step must keep z.
 
     LeakyReLU with a slope in [0, 1), ReLU, tanh, sigmoid and identity give their
-    derivative from the output alone; GELU does not.
+    derivative from the output alone. GELU does not.
     """
     return activation == "gelu"
 
