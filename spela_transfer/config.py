@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
+
+if TYPE_CHECKING:
+    from spela_transfer.heads.config import BackpropConfig, SpelaConfig
 
 DEFAULT_BACKBONE = "resnet50.tv_in1k"
 OFFLINE_BACKBONE = "efficientnet_lite0.offline"
@@ -247,6 +250,33 @@ class ExperimentConfig:
                 raise ValueError(
                     f"{name} must be a mapping of head settings, got {getattr(self, name)!r}"
                 )
+        # Head settings are checked here, not when the first head trains after extraction.
+        for head in ("spela", "backprop"):
+            if head in self.heads:
+                self.head_config(head)
+
+    def head_config(self, head: str) -> SpelaConfig | BackpropConfig:
+        """Return the `SpelaConfig` or `BackpropConfig` of `head`: shared settings, then its own.
+
+        Raises:
+            ValueError: A head setting that is unknown or invalid.
+        """
+        from spela_transfer.heads.config import BackpropConfig, SpelaConfig
+
+        shared = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "hidden_widths": self.hidden_widths,
+        }
+        own = self.spela if head == "spela" else self.backprop
+        settings = {**shared, **{k: tuple(v) if isinstance(v, list) else v for k, v in own.items()}}
+        config_class = SpelaConfig if head == "spela" else BackpropConfig
+        _reject_unknown_keys(own, config_class, head)
+        try:
+            return config_class(**settings)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"invalid {head} setting: {error}") from error
 
 
 def parse_seeds(value: object, source: str = "seeds") -> tuple[int, ...]:
@@ -342,11 +372,21 @@ def experiment_config_from_dict(data: dict, source: str = "config") -> Experimen
         # The demo's small input size is chosen for its own backbone and images. A named
         # backbone keeps the input size of its pretrained config unless one is given.
         extract_settings["image_size"] = None
-    return ExperimentConfig(
-        extract=ExtractConfig(**extract_settings),
-        protocol=ProtocolConfig(**protocol),
+    return _build(
+        ExperimentConfig,
+        source,
+        extract=_build(ExtractConfig, f"{source}: extract", **extract_settings),
+        protocol=_build(ProtocolConfig, f"{source}: protocol", **protocol),
         **data,
     )
+
+
+def _build(cls: type, source: str, **settings: object) -> object:
+    """Construct a config dataclass; a value it rejects is reported with `source`."""
+    try:
+        return cls(**settings)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from error
 
 
 def load_experiment_config(
@@ -380,8 +420,13 @@ def load_experiment_config(
             raise ValueError(f"{source}: invalid YAML: {' '.join(str(error).split())}") from error
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
+        # The file is checked before the flags apply, so an error names the file when the
+        # bad value is in it. A value rejected after this came from a flag.
+        experiment_config_from_dict(data, source)
 
-    for key, value in (overrides or {}).items():
+    if not overrides:
+        return experiment_config_from_dict(data, source)
+    for key, value in overrides.items():
         if key in ("extract", "protocol", "spela", "backprop"):
             section = data.get(key) or {}
             if not isinstance(section, dict):
@@ -389,7 +434,7 @@ def load_experiment_config(
             data[key] = {**section, **value}
         else:
             data[key] = value
-    return experiment_config_from_dict(data, source)
+    return experiment_config_from_dict(data, "command-line flags")
 
 
 def save_experiment_config(config: ExperimentConfig, path: str | Path) -> None:

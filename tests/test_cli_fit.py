@@ -499,3 +499,36 @@ def test_fit_has_flag_for_every_field():
             if cls is not ExperimentConfig:
                 dest = renamed.get(field.name, field.name)
             assert dest in dests, f"{cls.__name__}.{field.name} has no fit flag"
+
+
+def test_interrupted_sweep_hint_counts_kept_runs(fitted_folder, tmp_path):
+    from spela_transfer.cli.fit import interrupted_sweep_hint
+
+    assert interrupted_sweep_hint(tmp_path) == (
+        f"no run had finished; rerun with --resume --out {tmp_path} to continue"
+    )
+    # The tiny sweep: 2 test sizes and one k-shot point; SPELA and backprop 2 seeds, logreg 1.
+    assert interrupted_sweep_hint(fitted_folder).startswith(
+        f"15 finished runs are kept in {fitted_folder / 'runs.csv'};"
+    )
+    lines = (fitted_folder / "runs.csv").read_text().splitlines()
+    one_run = tmp_path / "one"
+    one_run.mkdir()
+    (one_run / "runs.csv").write_text("\n".join(lines[:2]) + "\n")
+    assert "1 finished run is kept" in interrupted_sweep_hint(one_run)
+
+
+def test_fit_interrupted_while_extracting(tmp_path, monkeypatch, capsys):
+    from spela_transfer.cache import CacheWriter
+
+    def interrupt(self, chunk):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CacheWriter, "write_chunk", interrupt)
+    code = fit("--cache-dir", str(tmp_path / "cache"), "--limit", "20", "--out", str(tmp_path))
+
+    assert code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "spela-transfer fit: interrupted; complete feature chunks are kept; "
+        "rerun the same command to resume extracting"
+    )

@@ -241,6 +241,11 @@ def small_cache(tmp_path_factory) -> Path:
         (["--k-shots", "0", "--protocols", "k-shot"], r"k-shot must be a positive integer, got 0"),
         (["--heads", "svm"], r"unknown heads 'svm'; valid heads: spela, backprop, logreg"),
         (["--protocols", "loo"], r"unknown protocols 'loo'"),
+        (
+            ["--spela", "loss=mse"],
+            r"command-line flags: invalid spela setting: loss must be one of",
+        ),
+        (["--backprop", "activaton=relu"], r"backprop: unknown setting 'activaton'"),
     ],
 )
 def test_fit_flag_rejected(flags, message, small_cache, tmp_path):
@@ -279,8 +284,10 @@ def test_fit_flag_rejected(flags, message, small_cache, tmp_path):
         ("backprop: {activation: swish}\n", r"invalid backprop setting: activation must be one of"),
         (
             "backprop: {activaton: relu}\n",
-            r"invalid backprop setting: .*unexpected keyword argument 'activaton'",
+            r"backprop: unknown setting 'activaton'; valid settings: hidden_widths",
         ),
+        ("extract: {batch_size: 0}\n", r"extract: batch_size must be a positive integer"),
+        ("parallel_fits: 0\n", r"parallel_fits must be a positive integer, got 0"),
         ("spela: [1, 2]\n", r"spela must be a mapping of head settings"),
         ("epoch: 3\n", r"unknown setting 'epoch'; valid settings: "),
         ("protocol: {test_sizes: [1.2]}\n", r"got 1\.2"),
@@ -300,7 +307,36 @@ def test_fit_yaml_rejected(yaml_text, message, small_cache, tmp_path):
     assert code == 2
     assert stdout == ""
     assert re.search(message, error_line(stderr)), stderr
+    assert str(config) in error_line(stderr)
     assert not out.exists()
+
+
+def test_bad_value_in_file_named_with_flags(small_cache, tmp_path):
+    # A file value that a flag does not touch is still the file's fault; a bad flag is not.
+    config = tmp_path / "config.yaml"
+    config.write_text("batch_size: 0\n")
+    code, _, stderr = run_cli(
+        ["fit", "--config", str(config), "--features", str(small_cache), "--epochs", "2"]
+    )
+    assert code == 2
+    assert error_line(stderr).startswith(f"spela-transfer fit: error: {config}: batch_size")
+
+    config.write_text("epochs: 2\n")
+    code, _, stderr = run_cli(
+        ["fit", "--config", str(config), "--features", str(small_cache), "--epochs", "0"]
+    )
+    assert code == 2
+    assert "error: command-line flags: epochs must be a positive integer" in error_line(stderr)
+
+
+def test_head_settings_checked_before_extraction(tmp_path):
+    cache = tmp_path / "cache"
+    code, _, stderr = run_cli(
+        ["fit", "--cache-dir", str(cache), "--limit", "20", "--spela", "loss=mse"]
+    )
+    assert code == 2
+    assert "invalid spela setting: loss must be one of" in error_line(stderr)
+    assert not cache.exists()
 
 
 def test_seeds_as_strings_accepted(tmp_path):

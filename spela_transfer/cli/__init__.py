@@ -69,11 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.debug, args.quiet)
     try:
         return args.run(args)
-    except KeyboardInterrupt:
-        print(
-            f"spela-transfer {args.command}: interrupted; {RESUME_HINTS[args.command]}",
-            file=sys.stderr,
-        )
+    except KeyboardInterrupt as interrupt:
+        # A command can put what the interrupt left behind, and how to go on, in the exception.
+        hint = str(interrupt) or RESUME_HINTS[args.command]
+        print(f"spela-transfer {args.command}: interrupted; {hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except USER_ERRORS as error:
         if args.debug:

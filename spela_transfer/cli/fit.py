@@ -149,20 +149,44 @@ def run(args: argparse.Namespace) -> int:
         check_resume_settings(config.out, config)
 
     with warnings_to_log():
-        features, config = load_or_extract(config, backbone_requested(args, config_path))
+        try:
+            features, config = load_or_extract(config, backbone_requested(args, config_path))
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(
+                "complete feature chunks are kept; rerun the same command to resume extracting"
+            ) from None
         out_dir = Path(config.out) if config.out else default_out_dir(config)
-        runs = run_experiment(
-            features,
-            config,
-            out_dir,
-            resume=args.resume,
-            force=args.force,
-            command=command_line(args),
-        )
+        try:
+            runs = run_experiment(
+                features,
+                config,
+                out_dir,
+                resume=args.resume,
+                force=args.force,
+                command=command_line(args),
+            )
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(interrupted_sweep_hint(out_dir)) from None
         markdown = write_report(out_dir, runs)
     print(markdown, end="")
     logger.info("results in %s", out_dir)
     return 0
+
+
+def interrupted_sweep_hint(out_dir: Path) -> str:
+    """Say how many runs an interrupted sweep kept in `out_dir` and how to continue it."""
+    from spela_transfer.evaluation.results import RUN_KEY, RUNS_FILE, read_runs
+
+    try:
+        finished = len(read_runs(out_dir).drop_duplicates(list(RUN_KEY)))
+    except ValueError:
+        finished = 0
+    if finished == 0:
+        summary = "no run had finished"
+    else:
+        verb = "run is" if finished == 1 else "runs are"
+        summary = f"{finished} finished {verb} kept in {out_dir / RUNS_FILE}"
+    return f"{summary}; rerun with --resume --out {out_dir} to continue"
 
 
 def resolve_config_path(args: argparse.Namespace) -> str | Path | None:

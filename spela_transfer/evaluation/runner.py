@@ -56,7 +56,7 @@ from spela_transfer.evaluation.results import (
     RUNS_FILE,
     read_runs,
 )
-from spela_transfer.heads import BackpropConfig, SpelaConfig, fit_backprop, fit_spela
+from spela_transfer.heads import fit_backprop, fit_spela
 
 if TYPE_CHECKING:
     from spela_transfer.cache import FeatureSet
@@ -564,20 +564,7 @@ def _fit_head(
 
 
 def _head_trainer(head: str, config: ExperimentConfig):
-    common = {
-        "epochs": config.epochs,
-        "batch_size": config.batch_size,
-        "lr": config.lr,
-        "hidden_widths": config.hidden_widths,
-    }
-    extra = config.spela if head == "spela" else config.backprop
-    settings = {**common, **{k: tuple(v) if isinstance(v, list) else v for k, v in extra.items()}}
-    config_class = SpelaConfig if head == "spela" else BackpropConfig
-    try:
-        head_config = config_class(**settings)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"invalid {head} setting: {error}") from error
-    return (fit_spela if head == "spela" else fit_backprop), head_config
+    return (fit_spela if head == "spela" else fit_backprop), config.head_config(head)
 
 
 def _fit_logreg(
