@@ -78,10 +78,15 @@ class ExtractConfig:
             raise ValueError(f"on_bad_image must be 'skip' or 'fail', got {self.on_bad_image!r}")
         for name in ("batch_size", "image_size", "limit"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be 0 or more, got {self.num_workers!r}")
+        for name in ("download", "download_weights", "pretrained"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -372,17 +377,21 @@ def experiment_config_from_dict(data: dict, source: str = "config") -> Experimen
         # The demo's small input size is chosen for its own backbone and images. A named
         # backbone keeps the input size of its pretrained config unless one is given.
         extract_settings["image_size"] = None
-    return _build(
+    return build_config(
         ExperimentConfig,
         source,
-        extract=_build(ExtractConfig, f"{source}: extract", **extract_settings),
-        protocol=_build(ProtocolConfig, f"{source}: protocol", **protocol),
+        extract=build_config(ExtractConfig, f"{source}: extract", **extract_settings),
+        protocol=build_config(ProtocolConfig, f"{source}: protocol", **protocol),
         **data,
     )
 
 
-def _build(cls: type, source: str, **settings: object) -> object:
-    """Construct a config dataclass; a value it rejects is reported with `source`."""
+def build_config(cls: type, source: str, **settings: object) -> object:
+    """Construct a config dataclass; a value it rejects is reported as coming from `source`.
+
+    Raises:
+        ValueError: `cls` rejects a value; the message starts with `source`.
+    """
     try:
         return cls(**settings)
     except ValueError as error:

@@ -227,8 +227,8 @@ def _cache_hit(folder: Path, request: dict[str, Any], config: ExtractConfig) -> 
     if skipped and config.on_bad_image == "fail":
         raise UnreadableImageError(
             f"the cached features in {str(folder)!r} skipped {len(skipped)} undecodable "
-            f"image(s), first {skipped[0]['reason']}; on_bad_image is 'fail', so fix or "
-            "remove those images (the dataset then gets a new cache key)"
+            f"image(s), first {skipped[0]['sample_id']}: {skipped[0]['reason']}; on_bad_image "
+            "is 'fail', so fix or remove those images (the dataset then gets a new cache key)"
         )
     logger.info("cache hit: %s (%d x %d)", folder, len(feature_set), feature_set.num_features)
     return dataclasses.replace(feature_set, cache_hit=True)
@@ -405,16 +405,20 @@ class _DecodeDataset(Dataset):
         return len(self.positions)
 
     def __getitem__(self, position: int) -> tuple[int, np.ndarray | None, str]:
+        """Return the position, the preprocessed image or None, and why it is None.
+
+        The reason leaves out the sample id, which the manifest records beside it.
+        """
         index = int(self.positions[position])
         try:
             image = self.source.load(index, self.target_size)
             image = convert_mode(image, self.preprocessing.channels)
             return position, resize_and_crop(image, self.preprocessing), ""
         except UnreadableImageError as error:
-            return position, None, str(error)
+            return position, None, str(error).removeprefix(f"{self.source.sample_ids[index]}: ")
         except (OSError, ValueError) as error:
             # Some damaged files decode lazily and fail only in convert or resize.
-            return position, None, f"{self.source.sample_ids[index]}: cannot decode ({error})"
+            return position, None, f"cannot decode ({error})"
 
 
 def _collate(items: list[tuple[int, np.ndarray | None, str]]) -> list:
@@ -477,12 +481,13 @@ def _run_chunks(
         good = [(position, array) for position, array, _ in items if array is not None]
         for position, array, reason in items:
             if array is None:
+                sample_id = source.sample_ids[int(positions[position])]
                 if config.on_bad_image == "fail":
                     raise UnreadableImageError(
-                        f"{reason}; set on_bad_image to 'skip' (--on-bad-image skip) to skip "
-                        "undecodable images and record them in the manifest"
+                        f"{sample_id}: {reason}; set on_bad_image to 'skip' (--on-bad-image "
+                        "skip) to skip undecodable images and record them in the manifest"
                     )
-                logger.warning("skipping image: %s", reason)
+                logger.warning("skipping image: %s: %s", sample_id, reason)
                 buffer["skipped"].append(position)
                 buffer["reasons"].append(reason)
         if good:

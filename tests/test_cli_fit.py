@@ -61,6 +61,9 @@ def test_fit_takes_backbone_from_cache(fitted_folder, offline_features):
     info = json.loads((fitted_folder / "run.json").read_text())
 
     assert info["config"]["extract"]["backbone"] == "efficientnet_lite0.offline"
+    # The results record the settings that made the cache, not the demo's defaults.
+    assert info["config"]["extract"] == offline_features.manifest["config"]
+    assert info["config"]["extract"]["limit"] == 100
     assert info["config"]["features"] == str(offline_features.path)
     assert info["config"]["protocol"]["test_sizes"] == [0.5, 0.9]
     assert (
@@ -508,14 +511,15 @@ def test_interrupted_sweep_hint_counts_kept_runs(fitted_folder, tmp_path):
         f"no run had finished; rerun with --resume --out {tmp_path} to continue"
     )
     # The tiny sweep: 2 test sizes and one k-shot point; SPELA and backprop 2 seeds, logreg 1.
+    rows = len((fitted_folder / "runs.csv").read_text().splitlines()) - 1
     assert interrupted_sweep_hint(fitted_folder).startswith(
-        f"15 finished runs are kept in {fitted_folder / 'runs.csv'};"
+        f"15 finished runs ({rows} rows) are kept in {fitted_folder / 'runs.csv'};"
     )
     lines = (fitted_folder / "runs.csv").read_text().splitlines()
     one_run = tmp_path / "one"
     one_run.mkdir()
     (one_run / "runs.csv").write_text("\n".join(lines[:2]) + "\n")
-    assert "1 finished run is kept" in interrupted_sweep_hint(one_run)
+    assert "1 finished run (1 row) is kept" in interrupted_sweep_hint(one_run)
 
 
 def test_fit_interrupted_while_extracting(tmp_path, monkeypatch, capsys):

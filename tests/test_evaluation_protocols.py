@@ -91,15 +91,28 @@ def test_stratify_rejects_too_few_test_samples(sample_labels):
 def test_missing_train_classes_reported(caplog):
     labels = np.repeat(np.arange(10), 10)
     with caplog.at_level(logging.WARNING):
-        split = split_by_test_size(labels, 0.99, split_seed=100)
+        split = split_by_test_size(labels, 0.98, split_seed=100)
 
-    assert len(split.train_indices) == 1
-    assert len(split.missing_train_classes) == 9
-    assert "classes with no training sample (9)" in caplog.text
+    assert len(split.train_indices) == 2
+    assert len(split.missing_train_classes) == 8
+    assert "classes with no training sample (8)" in caplog.text
+
+
+def test_split_rejects_training_part_of_one_class():
+    # 18 samples at test size 0.9 leave 1 for training: no head can learn from one class.
+    labels = np.repeat(np.arange(3), 6)
+    names = ["cat", "dog", "bird"]
+    split = split_by_test_size(labels, 0.8, split_seed=0, class_names=names)
+    assert len(np.unique(labels[split.train_indices])) >= 2
+
+    with pytest.raises(
+        ValueError, match=r"every training sample is of one class \((cat|dog|bird)\)"
+    ):
+        split_by_test_size(labels, 0.9, split_seed=0, class_names=names)
 
 
 def test_missing_classes_logged_by_name(caplog):
-    labels = np.repeat(np.arange(3), 2)
+    labels = np.repeat(np.arange(3), 4)
     names = ["cat", "dog", "fox"]
     with caplog.at_level(logging.WARNING):
         split = split_by_test_size(labels, 0.8, split_seed=0, class_names=names)
@@ -114,10 +127,10 @@ def test_k_shot_base_split_not_logged(caplog):
     # logging them for the base split too would repeat them once per k.
     labels = np.repeat(np.arange(10), 10)
     with caplog.at_level(logging.WARNING), pytest.warns(FewSamplesWarning):
-        split_k_shot(labels, 1, 0.99, split_seed=100)
+        split_k_shot(labels, 1, 0.98, split_seed=100)
 
     assert caplog.text.count("classes with no training sample") == 1
-    assert "k-shot 1: classes with no training sample (9)" in caplog.text
+    assert "k-shot 1: classes with no training sample (8)" in caplog.text
 
 
 @pytest.mark.parametrize("k", [1, 5, 20])

@@ -216,7 +216,7 @@ def test_bad_images_skipped_and_recorded(folder, tmp_path):
     assert features.manifest["counts"]["skipped"] == 1
     record = features.manifest["skipped"][0]
     assert record["sample_id"] == str(broken)
-    assert "broken.jpg" in record["reason"]
+    assert record["reason"].startswith(("cannot decode", "not a recognized image format"))
     assert str(broken) not in features.sample_ids
 
 

@@ -42,6 +42,9 @@ TINY = SpelaConfig(hidden_widths=(8, 4), epochs=1)
         ),
         ({"update": "manual"}, "update must be one of 'closed_form', 'autograd'; got 'manual'"),
         ({"coulomb_steps": 0}, "coulomb_steps must be a positive integer, got 0"),
+        ({"normalize_input": "maybe"}, "normalize_input must be true or false, got 'maybe'"),
+        ({"binarize_weights": 1}, "binarize_weights must be true or false, got 1"),
+        ({"shuffle": "no"}, "shuffle must be true or false, got 'no'"),
     ],
 )
 def test_spela_config_rejects(settings, message):
@@ -60,6 +63,7 @@ def test_spela_config_rejects(settings, message):
         ({"lr_step_epochs": -2}, "lr_step_epochs must be a positive integer, got -2"),
         ({"activation": "elu"}, "activation must be one of .*; got 'elu'"),
         ({"negative_slope": -0.1}, r"negative_slope must be in \[0, 1\), got -0.1"),
+        ({"shuffle": "yes"}, "shuffle must be true or false, got 'yes'"),
     ],
 )
 def test_backprop_config_rejects(settings, message):
@@ -212,8 +216,25 @@ def test_backprop_classifier_rejects_exit_layer():
         hidden_widths=(8,), epochs=1, random_state=0, exit_layer="layer1"
     )
 
+    with pytest.raises(ValueError, match="exit_layer must be 'output' or an index, got 'layer1'"):
+        estimator.fit(FEATURES, LABELS)
+
+
+def test_backprop_classifier_rejects_exit_index():
+    estimator = BackpropClassifier(hidden_widths=(8,), epochs=1, random_state=0, exit_layer=1)
+
     with pytest.raises(
-        ValueError, match="exit_layer must be one of 'output' or an index, got 'layer1'"
+        ValueError, match=r"exit_layer must be an index in -1\.\.0 or 'output', got 1"
+    ):
+        estimator.fit(FEATURES, LABELS)
+
+
+def test_spela_classifier_exit_error_lists_layers():
+    estimator = SpelaClassifier(hidden_widths=(8, 4), epochs=1, random_state=0, exit_layer=2)
+
+    with pytest.raises(
+        ValueError,
+        match=r"exit_layer must be an index in -2\.\.1 or one of 'layer1', 'layer2', got 2",
     ):
         estimator.fit(FEATURES, LABELS)
 

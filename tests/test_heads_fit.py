@@ -203,6 +203,18 @@ def test_coulomb_vectors_logged_when_classes_exceed_width(caplog):
     assert "layer2: 6 classes exceed width 3 + 1" in caplog.text
 
 
+def test_crowded_class_vectors_warn():
+    # 20 classes on a 2-sphere: no arrangement keeps every pair below cosine 0.5.
+    features, labels = _toy_problem(num_samples=60, num_classes=20)
+    config = SpelaConfig(hidden_widths=(16, 3), epochs=1, coulomb_steps=100)
+
+    with pytest.warns(UserWarning, match="layer2: 20 classes exceed width 3 \\+ 1") as caught:
+        fit_spela(features, labels, 20, config, seeds=[0])
+
+    assert len(caught) == 1
+    assert "widen it to at least 19 in hidden_widths" in str(caught[0].message)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 @pytest.mark.parametrize(
     ("fit", "config"), [(fit_spela, SMALL_SPELA), (fit_backprop, SMALL_BACKPROP)]

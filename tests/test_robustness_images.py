@@ -133,8 +133,9 @@ def test_messy_folder_records_each_skip(messy):
     skipped = {Path(record["sample_id"]).name: record["reason"] for record in records}
     assert sorted(skipped) == sorted(BAD_FILES)
     for name, phrase in BAD_FILES.items():
-        assert name in skipped[name]
         assert phrase in skipped[name]
+    # The path is the sample id beside the reason; the reason does not start with it again.
+    assert not any(record["reason"].startswith(record["sample_id"]) for record in records)
     assert features.manifest["counts"]["skipped"] == len(BAD_FILES)
 
 
@@ -306,9 +307,7 @@ def test_csv_missing_file_skipped(csv_images, tmp_path):
     assert "skipped=1" in stdout
     manifest = json.loads(next((tmp_path / "cache").glob("*/manifest.json")).read_text())
     missing = csv_images / "missing.png"
-    assert manifest["skipped"] == [
-        {"sample_id": str(missing), "reason": f"{missing}: file not found"}
-    ]
+    assert manifest["skipped"] == [{"sample_id": str(missing), "reason": "file not found"}]
 
 
 def test_csv_duplicate_rows_dropped(csv_images, tmp_path):

@@ -161,8 +161,10 @@ def test_crowded_class_vectors_logged(tmp_path):
     code, _, stderr, _ = fit_cache(tmp_path, features, labels, names, "--hidden-widths", "4,3")
 
     assert code == 0, stderr
-    assert "30 classes exceed width 4 + 1, Coulomb class vectors" in stderr
-    assert "30 classes exceed width 3 + 1" in stderr
+    # Every fit of the sweep builds the same crowded vectors; each layer is reported once.
+    assert stderr.count("30 classes exceed width 4 + 1, Coulomb class vectors") == 1
+    assert stderr.count("30 classes exceed width 3 + 1") == 1
+    assert "widen it to at least 29 in hidden_widths" in stderr
 
 
 def test_class_without_training_sample_recorded(tmp_path):
@@ -180,6 +182,25 @@ def test_class_without_training_sample_recorded(tmp_path):
     runs = pd.read_csv(out / "runs.csv", dtype=str, keep_default_na=False)
     assert (runs["missing_train_classes"] != "").all()
     assert "had no training sample" in stdout
+
+
+def test_point_with_one_training_class_skipped(tmp_path):
+    # 18 samples: test size 0.9 leaves 1 training sample, so that point is skipped and
+    # the sweep goes on; 0.99 leaves none.
+    labels = np.arange(18) % 3
+    features = separable_features(labels)
+    sizes = ["--test-sizes", "0.5,0.9,0.99"]
+
+    code, stdout, stderr, out = fit_cache(tmp_path, features, labels, ["a", "b", "c"], *sizes)
+
+    assert code == 0, stderr
+    assert re.search(
+        r"test-size 0\.9: skipped because every training sample is of one class \([abc]\)",
+        stderr,
+    )
+    runs = pd.read_csv(out / "runs.csv", dtype=str)
+    assert set(runs["point"]) == {"0.5"}
+    assert "Skipped test size 0.9 because" in stdout
 
 
 def test_k_larger_than_class_warns(tmp_path):
@@ -272,6 +293,11 @@ def test_fit_flag_rejected(flags, message, small_cache, tmp_path):
             r"invalid spela setting: epochs must be a positive integer, got -3",
         ),
         ("spela: {batch_size: 0}\n", r"invalid spela setting: batch_size must be a positive"),
+        (
+            "spela: {normalize_input: maybe}\n",
+            r"invalid spela setting: normalize_input must be true or false, got 'maybe'",
+        ),
+        ("extract: {pretrained: 2}\n", r"extract: pretrained must be true or false, got 2"),
         (
             "spela: {activation: swish}\n",
             r"invalid spela setting: activation must be one of 'leaky_relu'.*got 'swish'",
@@ -378,6 +404,28 @@ def test_extract_flag_rejected(flags, message, tmp_path):
     assert stdout == ""
     assert re.search(message, error_line(stderr)), stderr
     assert not cache_dir.exists() or not any(cache_dir.glob("*/manifest.json"))
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("extract: {batch_size: 0}\n", r"batch_size must be a positive integer, got 0"),
+        ("image_size: -1\n", r"image_size must be a positive integer, got -1"),
+        ("extract: {download: maybe}\n", r"download must be true or false, got 'maybe'"),
+    ],
+)
+def test_extract_yaml_rejected_names_file(yaml_text, message, tmp_path):
+    config = tmp_path / "extract.yaml"
+    config.write_text(yaml_text)
+    cache_dir = tmp_path / "cache"
+    code, stdout, stderr = run_cli(
+        ["extract", "--config", str(config), "--backbone", "pixels", "--cache-dir", str(cache_dir)]
+    )
+    assert code == 2
+    assert stdout == ""
+    assert error_line(stderr).startswith(f"spela-transfer extract: error: {config}: ")
+    assert re.search(message, error_line(stderr)), stderr
+    assert not cache_dir.exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")

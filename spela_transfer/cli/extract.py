@@ -10,7 +10,7 @@ from typing import Any
 
 from spela_transfer.cache import FeatureSet
 from spela_transfer.cli._arguments import add_extraction_arguments
-from spela_transfer.config import DEFAULT_BACKBONE, ExtractConfig
+from spela_transfer.config import DEFAULT_BACKBONE, ExtractConfig, build_config
 
 HELP = "extract backbone features of a dataset into the feature cache"
 
@@ -50,14 +50,19 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         FileNotFoundError: The `--config` file does not exist.
         ValueError: The YAML has keys that are not ExtractConfig fields, or bad values.
     """
-    values: dict[str, Any] = {}
+    file_values: dict[str, Any] = {}
     if args.config:
-        values.update(_yaml_values(Path(args.config)))
-    for field in dataclasses.fields(ExtractConfig):
-        value = getattr(args, field.name, None)
-        if value is not None:
-            values[field.name] = value
-    return ExtractConfig(**values)
+        file_values = _yaml_values(Path(args.config))
+        # Checked alone first, so that a bad value in the file is reported with its name.
+        config = build_config(ExtractConfig, args.config, **file_values)
+    flag_values = {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(ExtractConfig)
+        if getattr(args, field.name, None) is not None
+    }
+    if args.config and not flag_values:
+        return config
+    return build_config(ExtractConfig, "command-line flags", **{**file_values, **flag_values})
 
 
 def _yaml_values(path: Path) -> dict[str, Any]:

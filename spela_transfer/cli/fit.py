@@ -18,6 +18,7 @@ from spela_transfer.cli._arguments import add_extraction_arguments
 from spela_transfer.config import (
     OFFLINE_BACKBONE,
     ExperimentConfig,
+    ExtractConfig,
     load_experiment_config,
     parse_seeds,
 )
@@ -177,15 +178,19 @@ def interrupted_sweep_hint(out_dir: Path) -> str:
     """Say how many runs an interrupted sweep kept in `out_dir` and how to continue it."""
     from spela_transfer.evaluation.results import RUN_KEY, RUNS_FILE, read_runs
 
+    # A run is one head at one point with one seed; it has a row per exit layer.
     try:
-        finished = len(read_runs(out_dir).drop_duplicates(list(RUN_KEY)))
+        runs = read_runs(out_dir)
+        finished, rows = len(runs.drop_duplicates(list(RUN_KEY))), len(runs)
     except ValueError:
-        finished = 0
+        finished = rows = 0
     if finished == 0:
         summary = "no run had finished"
     else:
-        verb = "run is" if finished == 1 else "runs are"
-        summary = f"{finished} finished {verb} kept in {out_dir / RUNS_FILE}"
+        runs_text = "1 finished run" if finished == 1 else f"{finished} finished runs"
+        rows_text = "1 row" if rows == 1 else f"{rows} rows"
+        verb = "is" if finished == 1 else "are"
+        summary = f"{runs_text} ({rows_text}) {verb} kept in {out_dir / RUNS_FILE}"
     return f"{summary}; rerun with --resume --out {out_dir} to continue"
 
 
@@ -207,11 +212,16 @@ def warnings_to_log() -> Iterator[None]:
     """Log Python warnings as one readable line each instead of the raw warning text.
 
     Library callers still get the typed warnings (such as `FewSamplesWarning`); only
-    the command line turns them into log lines.
+    the command line turns them into log lines. A warning that every fit of a sweep
+    raises again, such as crowded class vectors, is logged once.
     """
+    logged: set[str] = set()
 
     def log_warning(message, category, filename, lineno, file=None, line=None) -> None:
-        logger.warning("%s", " ".join(str(message).split()))
+        text = " ".join(str(message).split())
+        if text not in logged:
+            logged.add(text)
+            logger.warning("%s", text)
 
     with warnings.catch_warnings():
         warnings.showwarning = log_warning
@@ -312,8 +322,9 @@ def load_or_extract(config: ExperimentConfig, backbone_explicit: bool):
     """Load the `--features` cache or extract the config's features through the cache.
 
     Returns:
-        The feature set and the config, whose backbone is taken from the cache when
-        `--features` is given and no backbone was requested.
+        The feature set and the config. With `--features`, the config's extraction
+        settings are those the cache records, so the results describe how their
+        features were made.
 
     Raises:
         FileNotFoundError: The `--features` folder does not exist.
@@ -346,10 +357,12 @@ def load_or_extract(config: ExperimentConfig, backbone_explicit: bool):
             f"requests {config.extract.backbone!r}; pass --backbone {cached_backbone} or "
             "extract the requested backbone's features"
         )
-    if not backbone_explicit:
+    try:
+        extract = ExtractConfig(**features.manifest["config"])
+    except (KeyError, TypeError, ValueError):
+        # A cache without a readable record of its settings still names its backbone.
         extract = dataclasses.replace(config.extract, backbone=cached_backbone)
-        config = dataclasses.replace(config, extract=extract)
-    return features, config
+    return features, dataclasses.replace(config, extract=extract)
 
 
 def default_out_dir(config: ExperimentConfig) -> Path:

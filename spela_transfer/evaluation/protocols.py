@@ -83,8 +83,9 @@ def split_by_test_size(
         still produce a result.
 
     Raises:
-        ValueError: `test_size` is outside (0, 1), either part would be empty, or
-            `stratify` is set and a class has too few samples to appear in both parts.
+        ValueError: `test_size` is outside (0, 1), either part would be empty or the
+            training part of one class, or `stratify` is set and a class has too few
+            samples to appear in both parts.
     """
     labels = np.asarray(labels)
     if isinstance(test_size, bool) or not 0 < test_size < 1:
@@ -205,7 +206,14 @@ def _make_split(
 ) -> Split:
     train = np.sort(np.asarray(train, dtype=np.int64))
     test = np.sort(np.asarray(test, dtype=np.int64))
-    missing = tuple(int(c) for c in np.setdiff1d(np.unique(labels), np.unique(labels[train])))
+    train_classes = np.unique(labels[train])
+    if len(train_classes) < 2:
+        only = class_names[train_classes[0]] if class_names is not None else train_classes[0]
+        raise ValueError(
+            f"every training sample is of one class ({only}), and a head needs two; "
+            "pick a smaller test size or use --stratify"
+        )
+    missing = tuple(int(c) for c in np.setdiff1d(np.unique(labels), train_classes))
     if missing and log_missing:
         names = [class_names[c] if class_names is not None else str(c) for c in missing]
         logger.warning(

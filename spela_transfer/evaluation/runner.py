@@ -356,8 +356,6 @@ def _run_points(
     # Each fit's rows are written as soon as it finishes, so an interruption loses only the
     # fits still running.
     for index, (task, fit) in enumerate(finished, start=1):
-        if fit is None:
-            continue
         logger.info(
             "%s %s %s, seeds %s: %d train / %d test, %.1f s (fit %d of %d)",
             task.head,
@@ -379,7 +377,7 @@ _PROCESS_DATA: dict = {}
 
 def _fit_in_processes(
     tasks: list[FitTask], all_features: np.ndarray, labels: np.ndarray, fit_settings: dict
-) -> Iterator[tuple[FitTask, HeadFit | None]]:
+) -> Iterator[tuple[FitTask, HeadFit]]:
     """Run the fits in `parallel_fits` processes and yield each one as it finishes.
 
     The processes are started fresh (`spawn`), because PyTorch's issue tracker
@@ -420,7 +418,7 @@ def _start_fit_process(
     package_logger.propagate = False
 
 
-def _fit_in_process(task: FitTask, **fit_settings) -> tuple[FitTask, HeadFit | None]:
+def _fit_in_process(task: FitTask, **fit_settings) -> tuple[FitTask, HeadFit]:
     return task, _fit_head(task, _PROCESS_DATA["features"], _PROCESS_DATA["labels"], **fit_settings)
 
 
@@ -524,7 +522,7 @@ def _fit_head(
     num_classes: int,
     config: ExperimentConfig,
     device: str,
-) -> HeadFit | None:
+) -> HeadFit:
     head, split, seeds = task.head, task.split, task.seeds
     train_features = all_features[split.train_indices]
     train_labels = labels[split.train_indices]
@@ -533,13 +531,6 @@ def _fit_head(
     _reset_peak_memory(device)
     start = time.perf_counter()
     if head == "logreg":
-        if len(np.unique(train_labels)) < 2:
-            logger.warning(
-                "logreg %s %s: skipped because the training split contains only one class",
-                split.protocol,
-                point_label(split),
-            )
-            return None
         scores = _fit_logreg(
             train_features, train_labels, test_features, num_classes, config, seeds
         )

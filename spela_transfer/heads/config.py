@@ -42,6 +42,12 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
+def _check_bool(name: str, value: object) -> None:
+    # A YAML value such as `maybe` or `1` would otherwise act as true without a word.
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -83,6 +89,7 @@ def _check_training_settings(config: SpelaConfig | BackpropConfig) -> None:
     _check_choice("activation", config.activation, ACTIVATIONS)
     if not 0 <= config.negative_slope < 1:
         raise ValueError(f"negative_slope must be in [0, 1), got {config.negative_slope!r}")
+    _check_bool("shuffle", config.shuffle)
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,8 @@ class SpelaConfig:
         _check_choice("loop_order", self.loop_order, LOOP_ORDERS)
         _check_choice("update", self.update, UPDATES)
         _check_positive_int("coulomb_steps", self.coulomb_steps)
+        _check_bool("normalize_input", self.normalize_input)
+        _check_bool("binarize_weights", self.binarize_weights)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ its batch order comes from the first seed.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,6 +48,9 @@ logger = logging.getLogger(__name__)
 
 # Rows per forward pass at inference, which bounds the memory of exit_scores.
 INFERENCE_BATCH_SIZE = 4096
+# Above this largest pairwise cosine (class vectors less than 60 degrees apart), a fit
+# warns that the layer's width crowds its class vectors. A width of C - 1 gives -1/(C-1).
+CROWDED_CLASS_COSINE = 0.5
 
 
 @dataclass(frozen=True, eq=False)
@@ -261,15 +265,20 @@ def fit_spela(
         for layer_vectors in class_vectors
     )
     for index, (width, cosine) in enumerate(zip(widths, max_cosines, strict=True)):
-        if config.class_vectors == "symmetric" and num_classes > width + 1:
-            logger.info(
-                "layer%d: %d classes exceed width %d + 1, Coulomb class vectors reach a largest "
-                "pairwise cosine of %.4f",
-                index + 1,
-                num_classes,
-                width,
-                cosine,
+        if config.class_vectors != "symmetric" or num_classes <= width + 1:
+            continue
+        message = (
+            f"layer{index + 1}: {num_classes} classes exceed width {width} + 1, Coulomb class "
+            f"vectors reach a largest pairwise cosine of {cosine:.4f}"
+        )
+        if cosine > CROWDED_CLASS_COSINE:
+            warnings.warn(
+                f"{message}, so this layer can hardly tell some classes apart; widen it to at "
+                f"least {num_classes - 1} in hidden_widths for a regular simplex",
+                stacklevel=2,
             )
+        else:
+            logger.info("%s", message)
 
     class_vectors = [vectors.to(device) for vectors in class_vectors]
     weights = [weight.to(device).requires_grad_(True) for weight in weights]

@@ -87,20 +87,19 @@ class _HeadClassifier(ClassifierMixin, BaseEstimator):
 
     def _exit_index(self) -> int:
         exits = self.heads_.exit_layers
+        names = ", ".join(map(repr, exits))
+        names = f"one of {names}" if len(exits) > 1 else names
         if isinstance(self.exit_layer, str):
             if self.exit_layer not in exits:
-                raise ValueError(
-                    f"exit_layer must be one of {', '.join(map(repr, exits))} or an index, "
-                    f"got {self.exit_layer!r}"
-                )
+                raise ValueError(f"exit_layer must be {names} or an index, got {self.exit_layer!r}")
             return exits.index(self.exit_layer)
         valid = isinstance(self.exit_layer, (int, np.integer)) and not isinstance(
             self.exit_layer, bool
         )
         if not valid or not -len(exits) <= self.exit_layer < len(exits):
             raise ValueError(
-                f"exit_layer must be an index in {-len(exits)}..{len(exits) - 1} or one of "
-                f"{', '.join(map(repr, exits))}, got {self.exit_layer!r}"
+                f"exit_layer must be an index in {-len(exits)}..{len(exits) - 1} or {names}, "
+                f"got {self.exit_layer!r}"
             )
         return int(self.exit_layer) % len(exits)
 
