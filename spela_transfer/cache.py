@@ -92,17 +92,29 @@ def load_features(path: str | Path) -> FeatureSet:
 
     Raises:
         FileNotFoundError: `path` does not exist.
+        NotADirectoryError: `path` is a file.
         CacheCorruptError: The folder is not a complete cache, or its files disagree.
     """
     folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        # A file inside a cache folder, such as its manifest, is most likely meant as the folder.
+        if (folder.parent / MANIFEST_FILE).is_file():
+            hint = f"pass the cache folder that holds it, {str(folder.parent)!r}"
+        else:
+            hint = "pass a folder written by spela-transfer extract"
+        raise NotADirectoryError(f"feature cache {str(folder)!r} is a file, not a folder; {hint}")
     if not folder.is_dir():
-        raise FileNotFoundError(f"feature cache {str(folder)!r} not found")
+        raise FileNotFoundError(
+            f"feature cache {str(folder)!r} not found; pass a folder written by "
+            "spela-transfer extract"
+        )
     manifest_path = folder / MANIFEST_FILE
     if not manifest_path.is_file():
         hint = (
             "its extraction was interrupted; rerun the same extract command to resume it"
             if (folder / REQUEST_FILE).is_file()
-            else "it is not a spela-transfer feature cache"
+            else "it is not a spela-transfer feature cache; pass a folder written by "
+            "spela-transfer extract"
         )
         raise CacheCorruptError(f"feature cache {str(folder)!r} has no {MANIFEST_FILE}: {hint}")
 
@@ -151,7 +163,10 @@ def load_features(path: str | Path) -> FeatureSet:
     if features.dtype != stored_dtype:
         problems.append(f"features are {features.dtype}, manifest says {manifest['dtype']}")
     if labels.shape != (expected_shape[0],) or labels.dtype != np.int64:
-        problems.append(f"labels have shape {labels.shape} and dtype {labels.dtype}")
+        problems.append(
+            f"labels have shape {labels.shape} and dtype {labels.dtype}, expected "
+            f"({expected_shape[0]},) and int64"
+        )
     elif len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
         problems.append(f"labels fall outside 0..{len(class_names) - 1}")
     if len(sample_ids) != expected_shape[0]:

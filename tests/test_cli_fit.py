@@ -171,14 +171,22 @@ def test_fit_features_not_a_cache(capsys, tmp_path):
     error = run_error(capsys, "fit", "--features", str(tmp_path))
 
     assert "has no manifest.json: it is not a spela-transfer feature cache" in error
-    assert "pass a folder made by `spela-transfer extract`, or drop --features" in error
+    assert "pass a folder written by spela-transfer extract" in error
 
 
 def test_fit_features_missing(capsys, tmp_path):
     error = run_error(capsys, "fit", "--features", str(tmp_path / "nowhere"))
 
-    assert "features folder" in error
-    assert "nowhere' not found" in error
+    assert "nowhere' not found; pass a folder written by spela-transfer extract" in error
+
+
+def test_fit_features_file_names_its_folder(capsys, offline_features):
+    manifest = offline_features.path / "manifest.json"
+
+    error = run_error(capsys, "fit", "--features", str(manifest))
+
+    assert f"{str(manifest)!r} is a file, not a folder" in error
+    assert f"pass the cache folder that holds it, {str(offline_features.path)!r}" in error
 
 
 def test_fit_cache_of_other_backbone(capsys, offline_features):

@@ -1,11 +1,14 @@
 """scikit-learn estimators over the heads: the estimator checks and the API beyond them."""
 
+from dataclasses import fields
+
 import numpy as np
 import pytest
 import torch
 from sklearn.base import clone
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
+from spela_transfer.heads.config import BackpropConfig, SpelaConfig
 from spela_transfer.heads.sklearn import BackpropClassifier, SpelaClassifier
 
 # Small heads and few epochs keep the checks fast; lr 1e-2 lets them reach the
@@ -20,6 +23,21 @@ CHECKED_ESTIMATORS = [
 @parametrize_with_checks(CHECKED_ESTIMATORS, expected_failed_checks=lambda estimator: {})
 def test_estimator_checks(estimator, check):
     check(estimator)
+
+
+@pytest.mark.parametrize(
+    ("estimator_type", "config_type"),
+    [(SpelaClassifier, SpelaConfig), (BackpropClassifier, BackpropConfig)],
+)
+def test_estimator_parameters_cover_config(estimator_type, config_type):
+    params = estimator_type().get_params()
+
+    assert set(params) - {"exit_layer", "random_state", "device"} == {
+        field.name for field in fields(config_type)
+    }
+    defaults = config_type()
+    for field in fields(config_type):
+        assert params[field.name] == getattr(defaults, field.name), field.name
 
 
 def _blobs(num_samples=90, seed=0):

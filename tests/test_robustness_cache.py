@@ -266,7 +266,7 @@ DAMAGES = {
     ),
     "labels-wrong-length": (
         lambda folder: np.save(folder / LABELS_FILE, np.zeros(3, dtype=np.int64)),
-        r"inconsistent: labels have shape \(3,\)",
+        r"inconsistent: labels have shape \(3,\) and dtype int64, expected \(20,\) and int64",
     ),
     "labels-float": (
         lambda folder: np.save(folder / LABELS_FILE, np.zeros(20, dtype=np.float64)),

@@ -22,7 +22,7 @@ from spela_transfer.config import (
     load_experiment_config,
     parse_seeds,
 )
-from spela_transfer.errors import CacheCorruptError, CacheMismatchError
+from spela_transfer.errors import CacheMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -328,6 +328,8 @@ def load_or_extract(config: ExperimentConfig, backbone_explicit: bool):
 
     Raises:
         FileNotFoundError: The `--features` folder does not exist.
+        NotADirectoryError: `--features` names a file.
+        CacheCorruptError: The `--features` folder is not a complete, consistent cache.
         CacheMismatchError: The cache was made by another backbone than requested.
     """
     if config.features is None:
@@ -338,18 +340,7 @@ def load_or_extract(config: ExperimentConfig, backbone_explicit: bool):
     from spela_transfer.cache import load_features
 
     path = Path(config.features)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"features folder {str(path)!r} not found; pass a folder written by "
-            "spela-transfer extract (see features/)"
-        )
-    try:
-        features = load_features(path)
-    except CacheCorruptError as error:
-        raise CacheCorruptError(
-            f"{error}; pass a folder made by `spela-transfer extract`, or drop --features to "
-            "extract the features"
-        ) from error
+    features = load_features(path)
     cached_backbone = features.manifest.get("backbone")
     if backbone_explicit and cached_backbone != config.extract.backbone:
         raise CacheMismatchError(

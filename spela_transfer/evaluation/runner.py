@@ -447,11 +447,13 @@ def check_features(features: FeatureSet, block_rows: int = 65536) -> None:
         all_equal = all_equal and bool((block == first_row).all())
     bad = np.concatenate(bad_rows)
     if len(bad):
+        if features.features.dtype == np.float16:
+            fix = "float16 storage overflows above 65504, so extract again with --dtype float32"
+        else:
+            fix = "check those images and the backbone, and extract again without them"
         raise ValueError(
             f"features in {str(features.path)!r} contain NaN or inf in {len(bad)} of "
-            f"{len(features)} rows (first: {features.sample_ids[int(bad[0])]!r}); float16 "
-            "storage overflows above 65504, so extract again with --dtype float32, or "
-            "remove those images"
+            f"{len(features)} rows (first: {features.sample_ids[int(bad[0])]!r}); {fix}"
         )
     if all_equal and len(features) > 1:
         logger.warning(

@@ -70,7 +70,7 @@ def check_training_inputs(features: torch.Tensor, labels: torch.Tensor, num_clas
 
 
 def check_seeds(seeds: Sequence[int]) -> tuple[int, ...]:
-    """Return seeds as a tuple after checking they are non-negative integers, at least one."""
+    """Return seeds as a tuple after checking they are distinct non-negative integers."""
     if isinstance(seeds, (int, np.integer)) or not isinstance(seeds, Sequence) or len(seeds) == 0:
         raise ValueError(
             f"seeds must be a non-empty sequence of integers such as [0, 1, 2], got {seeds!r}"
@@ -78,6 +78,9 @@ def check_seeds(seeds: Sequence[int]) -> tuple[int, ...]:
     for seed in seeds:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"each seed must be a non-negative integer, got {seed!r} in {seeds!r}")
+    if len(set(seeds)) < len(seeds):
+        # A repeated seed trains an identical head, which would shrink the spread over seeds.
+        raise ValueError(f"seeds must not repeat a value, got {list(seeds)!r}")
     return tuple(int(seed) for seed in seeds)
 
 

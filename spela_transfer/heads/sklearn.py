@@ -132,9 +132,10 @@ class _HeadClassifier(ClassifierMixin, BaseEstimator):
 class SpelaClassifier(_HeadClassifier):
     """SPELA head: each layer learns to align its output with fixed class vectors.
 
-    Scores are cosines to the class vectors of the layer named by `exit_layer`.
-    Parameters mirror SpelaConfig, whose docstring explains them; `hidden_widths`
-    may be any sequence of ints.
+    Scores are cosines to the class vectors of the layer named by `exit_layer`, in
+    [-1, 1]. They are not probabilities, so there is no `predict_proba`. Parameters
+    mirror SpelaConfig, whose docstring explains them; `hidden_widths` may be any
+    sequence of ints.
 
     Args:
         exit_layer: Index of the layer that predicts (-1 is the last) or its name
@@ -165,6 +166,8 @@ class SpelaClassifier(_HeadClassifier):
         loop_order: str = "per_batch",
         binarize_weights: bool = False,
         update: str = "closed_form",
+        shuffle: bool = True,
+        coulomb_steps: int = 500,
         exit_layer: int | str = -1,
         random_state=None,
         device: str = "cpu",
@@ -185,6 +188,8 @@ class SpelaClassifier(_HeadClassifier):
         self.loop_order = loop_order
         self.binarize_weights = binarize_weights
         self.update = update
+        self.shuffle = shuffle
+        self.coulomb_steps = coulomb_steps
         self.exit_layer = exit_layer
         self.random_state = random_state
         self.device = device
@@ -218,6 +223,7 @@ class BackpropClassifier(_HeadClassifier):
         lr_gamma: float = 0.1,
         activation: str = "leaky_relu",
         negative_slope: float = 0.001,
+        shuffle: bool = True,
         exit_layer: int | str = -1,
         random_state=None,
         device: str = "cpu",
@@ -232,6 +238,7 @@ class BackpropClassifier(_HeadClassifier):
         self.lr_gamma = lr_gamma
         self.activation = activation
         self.negative_slope = negative_slope
+        self.shuffle = shuffle
         self.exit_layer = exit_layer
         self.random_state = random_state
         self.device = device
