@@ -184,7 +184,7 @@ class ExperimentConfig:
         seeds: Head seeds; every protocol point runs once per seed.
         epochs: Training epochs of the SPELA and backprop heads.
         batch_size: Mini-batch size of the SPELA and backprop heads.
-        lr: Adam learning rate of the SPELA and backprop heads.
+        lr: Learning rate of the SPELA and backprop heads' optimizer.
         hidden_widths: Hidden layer widths; None applies the class-count rule
             (more than 50 classes: 1024, 1024; otherwise 512, 64).
         spela: Further `SpelaConfig` fields, such as the loss.

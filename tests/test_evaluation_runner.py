@@ -16,6 +16,7 @@ from spela_transfer.config import (
     ExtractConfig,
     ProtocolConfig,
     experiment_config_to_dict,
+    load_experiment_config,
 )
 from spela_transfer.errors import SpelaTransferError
 from spela_transfer.evaluation.report import markdown_tables, summarize, write_report
@@ -194,6 +195,41 @@ def test_resume_rejects_other_settings(tiny_runs, offline_features, tmp_path):
         SpelaTransferError, match=r"cannot resume .* other settings \(epochs 2 != 3\)"
     ):
         run_experiment(offline_features, changed, tmp_path, resume=True)
+
+
+def test_resume_compares_resolved_head_settings(tiny_runs, offline_features, tmp_path):
+    source_dir, _ = tiny_runs
+    for name in ("runs.csv", "run.json"):
+        (tmp_path / name).write_bytes((source_dir / name).read_bytes())
+    before = (tmp_path / "runs.csv").read_bytes()
+
+    # The learning rate the heads already used, spelled as a head setting: nothing to redo.
+    same = dataclasses.replace(TINY, spela={"lr": TINY.lr}, backprop={"lr": TINY.lr})
+    run_experiment(offline_features, same, tmp_path, resume=True)
+    assert (tmp_path / "runs.csv").read_bytes() == before
+
+    other_loss = dataclasses.replace(TINY, spela={"loss": "neg_cos"})
+    with pytest.raises(SpelaTransferError, match=r"\(spela loss 'log2cos' != 'neg_cos'\)"):
+        run_experiment(offline_features, other_loss, tmp_path, resume=True)
+
+
+def test_resume_with_fewer_seeds_records_all(tiny_runs, offline_features, tmp_path):
+    source_dir, _ = tiny_runs
+    for name in ("runs.csv", "run.json"):
+        (tmp_path / name).write_bytes((source_dir / name).read_bytes())
+    fewer = dataclasses.replace(
+        TINY, seeds=(0,), protocol=dataclasses.replace(TINY.protocol, test_sizes=(0.5,))
+    )
+
+    runs = run_experiment(offline_features, fewer, tmp_path, resume=True)
+
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["seeds"] == [0, 1]
+    assert info["config"]["protocol"]["test_sizes"] == [0.5, 0.99]
+    saved = load_experiment_config(tmp_path / "config.yaml")
+    assert saved.seeds == (0, 1)
+    assert saved.protocol.test_sizes == (0.5, 0.99)
+    assert set(runs["seed"]) == {0, 1}
 
 
 def test_output_folder_with_results_rejected(tmp_path):

@@ -235,7 +235,10 @@ def test_spela_classifier_exit_error_lists_layers():
 
     with pytest.raises(
         ValueError,
-        match=r"exit_layer must be an index in -2\.\.1 or one of 'layer1', 'layer2', got 2",
+        match=(
+            r"exit_layer must be an index in -2\.\.1 or one of 'layer1', 'layer2', 'output', "
+            r"got 2"
+        ),
     ):
         estimator.fit(FEATURES, LABELS)
 

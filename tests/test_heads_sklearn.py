@@ -92,10 +92,12 @@ def test_exit_layer_selects_scores():
     by_index = estimator.set_params(exit_layer=0).decision_function(features)
     by_name = estimator.set_params(exit_layer="layer1").decision_function(features)
     last = estimator.set_params(exit_layer=-1).decision_function(features)
+    output = estimator.set_params(exit_layer="output").decision_function(features)
 
     np.testing.assert_array_equal(by_index, scores[0, 0].numpy())
     np.testing.assert_array_equal(by_name, by_index)
     np.testing.assert_array_equal(last, scores[0, 1].numpy())
+    np.testing.assert_array_equal(output, last)
 
 
 def test_binary_decision_function_is_difference():

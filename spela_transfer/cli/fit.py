@@ -81,7 +81,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=int, help="epochs of the SPELA and backprop heads")
     training.add_argument("--batch-size", type=int, help="mini-batch size of the heads")
-    training.add_argument("--lr", type=float, help="Adam learning rate of the heads")
+    training.add_argument("--lr", type=float, help="learning rate of the heads' optimizer")
     training.add_argument(
         "--hidden-widths",
         metavar="W,...",

@@ -22,7 +22,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
 from importlib import metadata
@@ -63,8 +63,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Settings that change the numbers: a resumed sweep must match them.
-_FINGERPRINT_KEYS = ("epochs", "batch_size", "lr", "hidden_widths", "spela", "backprop")
+# Settings that change the numbers: a resumed sweep must match them. The first six act only
+# through the SPELA and backprop head settings, which run.json also records resolved.
+_HEAD_INPUT_KEYS = ("epochs", "batch_size", "lr", "hidden_widths", "spela", "backprop")
+_FINGERPRINT_KEYS = (*_HEAD_INPUT_KEYS, "logreg_max_iter")
 _FINGERPRINT_PROTOCOL_KEYS = ("split_seed", "stratify", "k_shot_test_size")
 # Extraction settings that change the cache key, compared before extraction on resume.
 _FINGERPRINT_EXTRACT_KEYS = (
@@ -280,8 +282,18 @@ def run_experiment(
     run_info = describe_run(features, config, device, command)
     run_info["skipped_points"] = skipped_points
     done = _load_done_runs(out_dir, run_info) if resume else set()
+    recorded = config
+    if done and (out_dir / RUN_JSON).is_file():
+        previous = json.loads((out_dir / RUN_JSON).read_text(encoding="utf-8"))
+        recorded = grown_sweep(config, previous)
+        run_info["config"] = experiment_config_to_dict(recorded)
+        run_info["head_settings"] = head_settings(recorded)
+        run_info["seeds"] = list(recorded.seeds)
+        run_info["skipped_points"] = list(
+            _union(skipped_points, previous.get("skipped_points", []))
+        )
     _write_json(out_dir / RUN_JSON, run_info)
-    save_experiment_config(config, out_dir / CONFIG_FILE)
+    save_experiment_config(recorded, out_dir / CONFIG_FILE)
 
     # NOTE: every feature is loaded into memory as float32 once, so the cache must fit in RAM.
     all_features = features.load_features()
@@ -496,6 +508,7 @@ def describe_run(
     }
     return {
         "config": experiment_config_to_dict(config),
+        "head_settings": head_settings(config),
         "seeds": list(config.seeds),
         "cache_key": features.key,
         "cache_path": str(features.path),
@@ -510,6 +523,46 @@ def describe_run(
         "command": list(command) if command is not None else None,
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def head_settings(config: ExperimentConfig) -> dict[str, dict]:
+    """Return the resolved `SpelaConfig` and `BackpropConfig` fields of the heads in use.
+
+    They are plain JSON types, so they compare equal to the copy read back from run.json.
+    """
+    return {
+        head: json.loads(json.dumps(asdict(config.head_config(head))))
+        for head in ("spela", "backprop")
+        if head in config.heads
+    }
+
+
+def grown_sweep(config: ExperimentConfig, previous: dict) -> ExperimentConfig:
+    """Return `config` with the heads, seeds, protocols and points of `previous` added.
+
+    A resume may request fewer of them than earlier runs used. The grown config is what
+    run.json and config.yaml record, so they describe every run in the folder and a later
+    resume without flags finishes all of them.
+    """
+    earlier = previous.get("config", {})
+    earlier_protocol = earlier.get("protocol", {})
+    protocol = replace(
+        config.protocol,
+        names=_union(config.protocol.names, earlier_protocol.get("names", ())),
+        test_sizes=_union(config.protocol.test_sizes, earlier_protocol.get("test_sizes", ())),
+        k_shots=_union(config.protocol.k_shots, earlier_protocol.get("k_shots", ())),
+    )
+    return replace(
+        config,
+        heads=_union(config.heads, earlier.get("heads", ())),
+        seeds=_union(config.seeds, earlier.get("seeds", ())),
+        protocol=protocol,
+    )
+
+
+def _union(current: Sequence, earlier: Sequence) -> tuple:
+    """Return `current` followed by the values of `earlier` that it lacks."""
+    return (*current, *(value for value in earlier if value not in current))
 
 
 def _seeds_for(head: str, seeds: tuple[int, ...]) -> tuple[int, ...]:
@@ -733,7 +786,11 @@ def check_resume_settings(out_dir: str | Path, config: ExperimentConfig) -> None
         return
     previous = json.loads(previous_path.read_text(encoding="utf-8"))
     current_config = experiment_config_to_dict(config)
-    current = {"cache_key": previous.get("cache_key"), "config": current_config}
+    current = {
+        "cache_key": previous.get("cache_key"),
+        "config": current_config,
+        "head_settings": head_settings(config),
+    }
     differences = _fingerprint_differences(previous, current)
 
     old_config = previous.get("config", {})
@@ -762,7 +819,12 @@ def _fingerprint_differences(previous: dict, current: dict) -> list[str]:
             f"cache key {previous.get('cache_key')!r} != {current.get('cache_key')!r}"
         )
     old_config, new_config = previous.get("config", {}), current["config"]
-    for key in _FINGERPRINT_KEYS:
+    keys = _FINGERPRINT_KEYS
+    if "head_settings" in previous:
+        # Compare what each head trains with, not how the flags spelled it.
+        keys = tuple(key for key in keys if key not in _HEAD_INPUT_KEYS)
+        differences += _head_differences(previous["head_settings"], current["head_settings"])
+    for key in keys:
         if old_config.get(key) != new_config.get(key):
             differences.append(f"{key} {old_config.get(key)!r} != {new_config.get(key)!r}")
     old_protocol = old_config.get("protocol", {})
@@ -772,6 +834,21 @@ def _fingerprint_differences(previous: dict, current: dict) -> list[str]:
                 f"{key} {old_protocol.get(key)!r} != {new_config['protocol'].get(key)!r}"
             )
     return differences
+
+
+def _head_differences(previous: dict, current: dict) -> list[str]:
+    """List the resolved head settings that differ, naming the head only where one differs."""
+    compared = [head for head in current if head in previous]
+    heads_by_change: dict[str, list[str]] = {}
+    for head in compared:
+        for name, value in current[head].items():
+            if previous[head].get(name) != value:
+                change = f"{name} {previous[head].get(name)!r} != {value!r}"
+                heads_by_change.setdefault(change, []).append(head)
+    return [
+        change if len(heads) == len(compared) else f"{heads[0]} {change}"
+        for change, heads in heads_by_change.items()
+    ]
 
 
 def _drop_partial_line(path: Path) -> None:

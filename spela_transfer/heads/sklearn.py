@@ -86,19 +86,23 @@ class _HeadClassifier(ClassifierMixin, BaseEstimator):
         )
 
     def _exit_index(self) -> int:
+        # Both classifiers accept `output` for the last layer, so code can switch between them.
         exits = self.heads_.exit_layers
-        names = ", ".join(map(repr, exits))
-        names = f"one of {names}" if len(exits) > 1 else names
+        names = [*exits, "output"] if exits[-1] != "output" else list(exits)
+        listed = ", ".join(map(repr, names))
+        listed = f"one of {listed}" if len(names) > 1 else listed
         if isinstance(self.exit_layer, str):
-            if self.exit_layer not in exits:
-                raise ValueError(f"exit_layer must be {names} or an index, got {self.exit_layer!r}")
-            return exits.index(self.exit_layer)
+            if self.exit_layer not in names:
+                raise ValueError(
+                    f"exit_layer must be {listed} or an index, got {self.exit_layer!r}"
+                )
+            return min(names.index(self.exit_layer), len(exits) - 1)
         valid = isinstance(self.exit_layer, (int, np.integer)) and not isinstance(
             self.exit_layer, bool
         )
         if not valid or not -len(exits) <= self.exit_layer < len(exits):
             raise ValueError(
-                f"exit_layer must be an index in {-len(exits)}..{len(exits) - 1} or {names}, "
+                f"exit_layer must be an index in {-len(exits)}..{len(exits) - 1} or {listed}, "
                 f"got {self.exit_layer!r}"
             )
         return int(self.exit_layer) % len(exits)
@@ -139,7 +143,8 @@ class SpelaClassifier(_HeadClassifier):
 
     Args:
         exit_layer: Index of the layer that predicts (-1 is the last) or its name
-            (`layer1`, `layer2`, ...). It can be changed after fitting.
+            (`layer1`, `layer2`, ..., or `output` for the last). It can be changed
+            after fitting.
         random_state: Seed of class vectors, init and batch order: an int, None or a
             numpy RandomState.
         device: Torch device to train and predict on, such as `cpu` or `cuda`.
