@@ -6,6 +6,7 @@ that flags override. Validation happens once, in `__post_init__`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -107,8 +108,13 @@ def _check_names(name: str, values: tuple[str, ...], valid: tuple[str, ...]) -> 
         raise ValueError(
             f"unknown {name} {', '.join(map(repr, unknown))}; valid {name}: {', '.join(valid)}"
         )
+    check_distinct(name, values)
+
+
+def check_distinct(name: str, values: Sequence) -> None:
+    """Raise ValueError when `values` repeats one, as a repeated seed or point would run twice."""
     if len(set(values)) != len(values):
-        raise ValueError(f"{name} must not repeat a name, got {list(values)!r}")
+        raise ValueError(f"{name} must not repeat a value, got {list(values)!r}; list each once")
 
 
 def _check_test_size(name: str, value: object) -> None:
@@ -147,15 +153,13 @@ class ProtocolConfig:
             raise ValueError("test_sizes must not be empty when the test-size protocol runs")
         for value in self.test_sizes:
             _check_test_size("test size", value)
-        if len(set(self.test_sizes)) != len(self.test_sizes):
-            raise ValueError(f"test_sizes must not repeat a value, got {list(self.test_sizes)!r}")
+        check_distinct("test_sizes", self.test_sizes)
         if "k-shot" in self.names and not self.k_shots:
             raise ValueError("k_shots must not be empty when the k-shot protocol runs")
         for value in self.k_shots:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"k-shot must be a positive integer, got {value!r}")
-        if len(set(self.k_shots)) != len(self.k_shots):
-            raise ValueError(f"k_shots must not repeat a value, got {list(self.k_shots)!r}")
+        check_distinct("k_shots", self.k_shots)
         _check_test_size("k_shot_test_size", self.k_shot_test_size)
         if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int):
             raise ValueError(f"split_seed must be an integer, got {self.split_seed!r}")
@@ -229,8 +233,7 @@ class ExperimentConfig:
         for seed in self.seeds:
             if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
                 raise ValueError(f"seeds must be integers of 0 or more, got {seed!r}")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must not repeat a value, got {list(self.seeds)!r}")
+        check_distinct("seeds", self.seeds)
         for name in ("epochs", "batch_size", "logreg_max_iter", "parallel_fits"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

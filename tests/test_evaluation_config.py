@@ -136,7 +136,7 @@ def test_yaml_seeds_as_string(tmp_path):
     [
         ({"heads": ("spela", "svm")}, r"unknown heads 'svm'; valid heads: spela, backprop, logreg"),
         ({"heads": ()}, "heads must list at least one of"),
-        ({"heads": ("spela", "spela")}, "heads must not repeat a name"),
+        ({"heads": ("spela", "spela")}, "heads must not repeat a value"),
         ({"seeds": ()}, "seeds must list at least one integer seed"),
         ({"seeds": (-1,)}, "seeds must be integers of 0 or more, got -1"),
         ({"seeds": (1, 1)}, "seeds must not repeat a value"),

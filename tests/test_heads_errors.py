@@ -139,7 +139,7 @@ def test_fit_rejects_non_finite(fit, bad_value):
         ([], r"seeds must be a non-empty sequence .* got \[\]"),
         ([0, -1], r"each seed must be a non-negative integer, got -1 in \[0, -1\]"),
         ([0.5], r"each seed must be a non-negative integer, got 0.5"),
-        ([0, 2, 0], r"seeds must not repeat a value, got \[0, 2, 0\]"),
+        ([0, 2, 0], r"seeds must not repeat a value, got \[0, 2, 0\]; list each once"),
     ],
 )
 def test_fit_rejects_seeds(seeds, message):

@@ -80,7 +80,7 @@ def check_seeds(seeds: Sequence[int]) -> tuple[int, ...]:
             raise ValueError(f"each seed must be a non-negative integer, got {seed!r} in {seeds!r}")
     if len(set(seeds)) < len(seeds):
         # A repeated seed trains an identical head, which would shrink the spread over seeds.
-        raise ValueError(f"seeds must not repeat a value, got {list(seeds)!r}")
+        raise ValueError(f"seeds must not repeat a value, got {list(seeds)!r}; list each once")
     return tuple(int(seed) for seed in seeds)
 
 
