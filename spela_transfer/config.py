@@ -112,7 +112,7 @@ def _check_names(name: str, values: tuple[str, ...], valid: tuple[str, ...]) -> 
 
 
 def check_distinct(name: str, values: Sequence) -> None:
-    """Raise ValueError when `values` repeats one, as a repeated seed or point would run twice."""
+    """Raise ValueError if `values` contains a value twice, as a seed or point would run twice."""
     if len(set(values)) != len(values):
         raise ValueError(f"{name} must not repeat a value, got {list(values)!r}; list each once")
 
@@ -432,18 +432,16 @@ def load_experiment_config(
             raise ValueError(f"{source}: invalid YAML: {' '.join(str(error).split())}") from error
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
-        # The file is checked before the flags apply, so an error names the file when the
-        # bad value is in it. A value rejected after this came from a flag.
-        experiment_config_from_dict(data, source)
 
+    # The file is checked before the flags apply, so an error names the file when the bad
+    # value is in it. A value rejected after this came from a flag.
+    config = experiment_config_from_dict(data, source)
     if not overrides:
-        return experiment_config_from_dict(data, source)
+        return config
     for key, value in overrides.items():
         if key in ("extract", "protocol", "spela", "backprop"):
-            section = data.get(key) or {}
-            if not isinstance(section, dict):
-                raise ValueError(f"{source}: '{key}' must be a mapping, got {section!r}")
-            data[key] = {**section, **value}
+            # The check above has made sure that each of these sections is a mapping.
+            data[key] = {**(data.get(key) or {}), **value}
         else:
             data[key] = value
     return experiment_config_from_dict(data, "command-line flags")

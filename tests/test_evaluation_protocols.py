@@ -98,7 +98,7 @@ def test_missing_train_classes_reported(caplog):
     assert "classes with no training sample (8)" in caplog.text
 
 
-def test_split_rejects_training_part_of_one_class():
+def test_split_rejects_one_training_class():
     # 18 samples at test size 0.9 leave 1 for training: no head can learn from one class.
     labels = np.repeat(np.arange(3), 6)
     names = ["cat", "dog", "bird"]

@@ -163,7 +163,7 @@ def test_crowded_class_vectors_logged(tmp_path):
     code, _, stderr, _ = fit_cache(tmp_path, features, labels, names, "--hidden-widths", "4,3")
 
     assert code == 0, stderr
-    # Every fit of the sweep builds the same crowded vectors; each layer is reported once.
+    # Every fit of the sweep builds the same crowded vectors, so each layer is reported once.
     assert stderr.count("30 classes exceed width 4 + 1, Coulomb class vectors") == 1
     assert stderr.count("30 classes exceed width 3 + 1") == 1
     assert "widen it to at least 29 in hidden_widths" in stderr
@@ -187,8 +187,8 @@ def test_class_without_training_sample_recorded(tmp_path):
 
 
 def test_point_with_one_training_class_skipped(tmp_path):
-    # 18 samples: test size 0.9 leaves 1 training sample, so that point is skipped and
-    # the sweep goes on; 0.99 leaves none.
+    # Of 18 samples, test size 0.9 leaves 1 for training and 0.99 leaves none. Those points
+    # are skipped and the sweep goes on.
     labels = np.arange(18) % 3
     features = separable_features(labels)
     sizes = ["--test-sizes", "0.5,0.9,0.99"]

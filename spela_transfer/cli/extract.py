@@ -54,14 +54,12 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
     if args.config:
         file_values = _yaml_values(Path(args.config))
         # Checked alone first, so that a bad value in the file is reported with its name.
-        config = build_config(ExtractConfig, args.config, **file_values)
+        build_config(ExtractConfig, args.config, **file_values)
     flag_values = {
         field.name: getattr(args, field.name)
         for field in dataclasses.fields(ExtractConfig)
         if getattr(args, field.name, None) is not None
     }
-    if args.config and not flag_values:
-        return config
     return build_config(ExtractConfig, "command-line flags", **{**file_values, **flag_values})
 
 

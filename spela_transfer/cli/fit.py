@@ -178,7 +178,7 @@ def interrupted_sweep_hint(out_dir: Path) -> str:
     """Say how many runs an interrupted sweep kept in `out_dir` and how to continue it."""
     from spela_transfer.evaluation.results import RUN_KEY, RUNS_FILE, read_runs
 
-    # A run is one head at one point with one seed; it has a row per exit layer.
+    # A run is one head at one point with one seed, and it has a row per exit layer.
     try:
         runs = read_runs(out_dir)
         finished, rows = len(runs.drop_duplicates(list(RUN_KEY))), len(runs)

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Settings that change the numbers: a resumed sweep must match them. The first six act only
-# through the SPELA and backprop head settings, which run.json also records resolved.
+# through the SPELA and backprop head settings, which run.json also records after merging.
 _HEAD_INPUT_KEYS = ("epochs", "batch_size", "lr", "hidden_widths", "spela", "backprop")
 _FINGERPRINT_KEYS = (*_HEAD_INPUT_KEYS, "logreg_max_iter")
 _FINGERPRINT_PROTOCOL_KEYS = ("split_seed", "stratify", "k_shot_test_size")
@@ -281,13 +281,14 @@ def run_experiment(
 
     run_info = describe_run(features, config, device, command)
     run_info["skipped_points"] = skipped_points
-    done = _load_done_runs(out_dir, run_info) if resume else set()
+    previous = _read_run_json(out_dir) if resume else None
+    done = _load_done_runs(out_dir, run_info, previous) if resume else set()
     recorded = config
-    if done and (out_dir / RUN_JSON).is_file():
-        previous = json.loads((out_dir / RUN_JSON).read_text(encoding="utf-8"))
+    if done and previous is not None:
         recorded = grown_sweep(config, previous)
         run_info["config"] = experiment_config_to_dict(recorded)
-        run_info["head_settings"] = head_settings(recorded)
+        # A head that only earlier runs trained keeps the settings it trained with.
+        run_info["head_settings"] = {**previous.get("head_settings", {}), **head_settings(config)}
         run_info["seeds"] = list(recorded.seeds)
         run_info["skipped_points"] = list(
             _union(skipped_points, previous.get("skipped_points", []))
@@ -730,14 +731,20 @@ def _run_row(
     }
 
 
-def _load_done_runs(out_dir: Path, run_info: dict) -> set[tuple]:
+def _read_run_json(out_dir: Path) -> dict | None:
+    """Return the run.json of earlier results in `out_dir`, or None when there is none."""
+    path = out_dir / RUN_JSON
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _load_done_runs(out_dir: Path, run_info: dict, previous: dict | None) -> set[tuple]:
     runs_path = out_dir / RUNS_FILE
     if not runs_path.exists():
         return set()
 
-    previous_path = out_dir / RUN_JSON
-    if previous_path.exists():
-        previous = json.loads(previous_path.read_text(encoding="utf-8"))
+    if previous is not None:
         differences = _fingerprint_differences(previous, run_info)
         if differences:
             raise SpelaTransferError(_resume_mismatch_message(out_dir, differences))
@@ -781,10 +788,9 @@ def check_resume_settings(out_dir: str | Path, config: ExperimentConfig) -> None
         SpelaTransferError: The results in `out_dir` were made with other settings.
     """
     out_dir = Path(out_dir)
-    previous_path = out_dir / RUN_JSON
-    if not (out_dir / RUNS_FILE).exists() or not previous_path.is_file():
+    previous = _read_run_json(out_dir)
+    if not (out_dir / RUNS_FILE).exists() or previous is None:
         return
-    previous = json.loads(previous_path.read_text(encoding="utf-8"))
     current_config = experiment_config_to_dict(config)
     current = {
         "cache_key": previous.get("cache_key"),

@@ -43,7 +43,7 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 
 def _check_bool(name: str, value: object) -> None:
-    # A YAML value such as `maybe` or `1` would otherwise act as true without a word.
+    # A YAML value such as `maybe` or `1` would otherwise be taken as true without an error.
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false, got {value!r}")
 

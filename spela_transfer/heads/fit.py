@@ -49,7 +49,8 @@ logger = logging.getLogger(__name__)
 # Rows per forward pass at inference, which bounds the memory of exit_scores.
 INFERENCE_BATCH_SIZE = 4096
 # Above this largest pairwise cosine (class vectors less than 60 degrees apart), a fit
-# warns that the layer's width crowds its class vectors. A width of C - 1 gives -1/(C-1).
+# warns that the layer's width crowds its class vectors. A width of at least C - 1 gives a
+# regular simplex, whose pairwise cosines are all -1/(C-1).
 CROWDED_CLASS_COSINE = 0.5
 
 

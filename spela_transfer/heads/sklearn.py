@@ -88,7 +88,7 @@ class _HeadClassifier(ClassifierMixin, BaseEstimator):
     def _exit_index(self) -> int:
         # Both classifiers accept `output` for the last layer, so code can switch between them.
         exits = self.heads_.exit_layers
-        names = [*exits, "output"] if exits[-1] != "output" else list(exits)
+        names = list(dict.fromkeys([*exits, "output"]))
         listed = ", ".join(map(repr, names))
         listed = f"one of {listed}" if len(names) > 1 else listed
         if isinstance(self.exit_layer, str):
@@ -96,7 +96,9 @@ class _HeadClassifier(ClassifierMixin, BaseEstimator):
                 raise ValueError(
                     f"exit_layer must be {listed} or an index, got {self.exit_layer!r}"
                 )
-            return min(names.index(self.exit_layer), len(exits) - 1)
+            if self.exit_layer == "output":
+                return len(exits) - 1
+            return exits.index(self.exit_layer)
         valid = isinstance(self.exit_layer, (int, np.integer)) and not isinstance(
             self.exit_layer, bool
         )
